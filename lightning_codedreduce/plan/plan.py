@@ -1,0 +1,283 @@
+"""``CodedReducePlan``: who talks to whom, who computes which samples, and how parents decode.
+
+The global batch of one step is the data of the root's subtree (positions ``0 .. B-1``). A node
+with data ``D_v`` keeps a local share and splits the rest into parts ``P_1..P_k``; child ``i``
+receives the parts in the support of row ``i`` of the node's code ``B_v`` and returns
+``sum_j B_v[i, j] g(P_j)``, recursively. A sample processed at rank ``r`` therefore carries the
+product of the code coefficients on the path from the root to ``r``. Every rank builds the same
+plan from ``(world_size, branching, stragglers, code, seed)``; ``fingerprint()`` lets them check.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import numbers
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
+
+import numpy as np
+
+from .tree import Node, build_tree
+
+CODES = ("auto", "frc")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Positions ``[start, stop)`` of one step's global batch, each sample weighted by ``weight``."""
+
+    start: int
+    stop: int
+    weight: float
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+Segments = list[Shard]
+
+
+def _check_int(name: str, value: object, low: int, hint: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__}); {hint}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}; {hint}")
+    return int(value)
+
+
+def _take(segments: Segments, count: int) -> tuple[Segments, Segments]:
+    """Split a segment list after ``count`` samples."""
+    head: Segments = []
+    rest = list(segments)
+    while count > 0:
+        seg = rest.pop(0)
+        if len(seg) <= count:
+            head.append(seg)
+            count -= len(seg)
+        else:
+            head.append(Shard(seg.start, seg.start + count, seg.weight))
+            rest.insert(0, Shard(seg.start + count, seg.stop, seg.weight))
+            count = 0
+    return head, rest
+
+
+def _round_split(total: int, fractions: tuple[float, ...]) -> list[int]:
+    """Integers proportional to ``fractions`` summing to ``total`` (largest remainder, ties by index)."""
+    raw = np.asarray(fractions) * total
+    out = np.floor(raw + 1e-9).astype(int)
+    order = sorted(range(len(raw)), key=lambda i: (-(raw[i] - out[i]), i))
+    for i in order[: total - int(out.sum())]:
+        out[i] += 1
+    return [int(x) for x in out]
+
+
+class CodedReducePlan:
+    """The CodedReduce tree, codes and data allocation for ``world_size`` ranks.
+
+    Args:
+        world_size: number of ranks (rank 0 is the root; it computes too).
+        branching: most children per parent (``n``).
+        stragglers: stragglers tolerated among the children of every parent (``s``); 0 is a plain
+            uncoded tree reduce with redundancy exactly 1.
+        code: ``"auto"`` (fractional repetition where ``s+1`` divides the fan-out, block codes
+            otherwise) or ``"frc"`` (fractional repetition only).
+        seed: seeds the search for remainder-block codes; every rank must use the same.
+    """
+
+    def __init__(self, world_size: int, branching: int = 3, stragglers: int = 1, code: str = "auto", seed: int = 0):
+        self.world_size = _check_int("world_size", world_size, 1, "use the number of training processes")
+        self.branching = _check_int("branching", branching, 2, "each parent needs at least 2 children, e.g. branching=3")
+        self.stragglers = _check_int("stragglers", stragglers, 0, "use 0 for an uncoded tree, 1 to tolerate one straggler per parent")
+        self.seed = _check_int("seed", seed, 0, "use any non-negative integer, the same on every rank")
+        if self.stragglers >= self.branching:
+            raise ValueError(
+                f"stragglers={stragglers} must be smaller than branching={branching} (a parent cannot wait "
+                f"for fewer than one child); use e.g. branching={stragglers + 2}, stragglers={stragglers}"
+            )
+        if code not in CODES:
+            raise ValueError(f"unknown code {code!r}; choose one of {', '.join(map(repr, CODES))}")
+        self.code = code
+        try:
+            self.nodes: list[Node] = build_tree(self.world_size, self.branching, self.stragglers, code, self.seed)
+        except ValueError as err:
+            raise ValueError(f"{err}; {self._suggestion()}") from None
+
+    def _suggestion(self) -> str:
+        for n, s in ((self.branching, self.stragglers - 1), (self.stragglers + 1, self.stragglers), (3, 1)):
+            if 0 <= s < n:
+                try:
+                    CodedReducePlan(self.world_size, n, s, "auto", self.seed)
+                    return f"a configuration that works: branching={n}, stragglers={s}, code='auto'"
+                except ValueError:
+                    continue
+        return "try stragglers=0"  # pragma: no cover - s=0 always works
+
+    # ---------------------------------------------------------------- tree
+    def parent(self, rank: int) -> int | None:
+        return self.nodes[rank].parent
+
+    def children(self, rank: int) -> list[int]:
+        return list(self.nodes[rank].children)
+
+    def tolerance(self, rank: int) -> int:
+        """Stragglers tolerated among ``rank``'s children (0 for a leaf)."""
+        code = self.nodes[rank].code
+        return code.s if code else 0
+
+    @cached_property
+    def depth(self) -> int:
+        depth = [0] * self.world_size
+        for node in self.nodes[1:]:
+            depth[node.rank] = depth[node.parent] + 1
+        return max(depth)
+
+    @cached_property
+    def reduced_tolerance(self) -> list[int]:
+        """Parents that tolerate fewer than ``stragglers`` (they have too few children)."""
+        return [n.rank for n in self.nodes if n.children and self.tolerance(n.rank) < self.stragglers]
+
+    # ---------------------------------------------------------------- loads
+    @cached_property
+    def loads(self) -> np.ndarray:
+        """Each rank's compute load as a fraction of the global batch."""
+        data = np.zeros(self.world_size)
+        data[0] = 1.0
+        load = np.zeros(self.world_size)
+        for node in self.nodes:  # breadth-first: parents before children
+            load[node.rank] = data[node.rank] * node.split[0]
+            for slot, child in enumerate(node.children):
+                data[child] = sum(data[node.rank] * node.split[1 + j] for j, _ in node.code.support(slot))
+        return load
+
+    @property
+    def redundancy(self) -> float:
+        """Total work per step divided by the global batch (1 for an uncoded tree)."""
+        return float(self.loads.sum())
+
+    @property
+    def load_imbalance(self) -> float:
+        """Largest per-rank load divided by the mean."""
+        return float(self.loads.max() / self.loads.mean())
+
+    def global_batch_for(self, per_rank_batch: int) -> int:
+        """Global batch that gives the busiest rank about ``per_rank_batch`` samples per step."""
+        per_rank_batch = _check_int("per_rank_batch", per_rank_batch, 1, "use the DataLoader's batch_size")
+        return max(self.min_global_batch_size, int(per_rank_batch / self.loads.max() + 1e-9))
+
+    @cached_property
+    def min_global_batch_size(self) -> int:
+        """Smallest global batch that gives every rank at least one sample."""
+        size = max(self.world_size, int(np.ceil(1.0 / self.loads.min() - 1e-9)))
+        while not all(self._allocate(size)):  # rounding can still leave a rank empty: grow until none is
+            size += 1
+        return size
+
+    # ---------------------------------------------------------------- allocation
+    def shards(self, rank: int, global_batch_size: int) -> list[Shard]:
+        """Positions of one step's global batch that ``rank`` processes, with their weights."""
+        global_batch_size = _check_int("global_batch_size", global_batch_size, 1, "pass the number of samples per step")
+        local = self._allocate(global_batch_size)[rank]
+        if sum(map(len, local)) == 0:
+            raise ValueError(
+                f"global_batch_size={global_batch_size} is too small to give every one of the "
+                f"{self.world_size} ranks a share; use at least {self.min_global_batch_size}"
+            )
+        return list(local)
+
+    @lru_cache(maxsize=8)
+    def _allocate(self, global_batch_size: int) -> tuple[tuple[Shard, ...], ...]:
+        data: list[Segments] = [[] for _ in range(self.world_size)]
+        data[0] = [Shard(0, global_batch_size, 1.0)]
+        local: list[tuple[Shard, ...]] = [()] * self.world_size
+        for node in self.nodes:
+            segs = data[node.rank]
+            sizes = _round_split(sum(map(len, segs)), node.split)
+            mine, rest = _take(segs, sizes[0])
+            local[node.rank] = tuple(_merge(mine))
+            parts = []
+            for size in sizes[1:]:
+                part, rest = _take(rest, size)
+                parts.append(part)
+            for slot, child in enumerate(node.children):
+                data[child] = [Shard(p.start, p.stop, p.weight * coef) for j, coef in node.code.support(slot) for p in parts[j]]
+        return tuple(local)
+
+    # ---------------------------------------------------------------- decoding
+    def decoder(self, rank: int, arrived) -> dict[int, float] | None:
+        """Coefficient per arrived child so that ``local + sum(coef * message)`` is ``rank``'s output.
+
+        ``None`` when the arrived children do not yet determine it (keep waiting).
+        """
+        node = self.nodes[rank]
+        if not node.children:
+            return {}
+        slot_of = {c: i for i, c in enumerate(node.children)}
+        slots = frozenset(slot_of[c] for c in arrived if c in slot_of)
+        coefs = node.code.decode(slots)
+        if coefs is None:
+            return None
+        return {node.children[slot]: coef for slot, coef in coefs.items()}
+
+    def tolerates(self, stragglers) -> bool:
+        """Whether the root can decode when the ranks in ``stragglers`` never send."""
+        dead = set(stragglers)
+        if 0 in dead:
+            return False
+        return self._decodes(0, dead)
+
+    def _decodes(self, rank: int, dead: set[int]) -> bool:
+        coefs = self.decoder(rank, [c for c in self.children(rank) if c not in dead])
+        return coefs is not None and all(self._decodes(c, dead) for c in coefs)
+
+    # ---------------------------------------------------------------- identity
+    def fingerprint(self) -> str:
+        """Stable hash of everything that must agree across ranks (16 hex digits)."""
+        spec = {
+            "W": self.world_size, "n": self.branching, "s": self.stragglers, "code": self.code, "seed": self.seed,
+            "parents": [n.parent for n in self.nodes],
+            "codes": [None if n.code is None else np.round(n.code.matrix, 9).tolist() for n in self.nodes],
+            "split": [[round(x, 9) for x in n.split] for n in self.nodes],
+        }
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+    def describe(self) -> str:
+        """Readable summary: the tree, each parent's code and tolerance, per-rank loads."""
+        lines = [
+            f"CodedReducePlan(world_size={self.world_size}, branching={self.branching}, "
+            f"stragglers={self.stragglers}, code={self.code!r})  fingerprint {self.fingerprint()}",
+            f"  depth {self.depth}, redundancy {self.redundancy:.3f}, load imbalance {self.load_imbalance:.3f}, "
+            f"min global batch {self.min_global_batch_size}",
+        ]
+        if self.reduced_tolerance:
+            lines.append(f"  reduced tolerance at parents {self.reduced_tolerance} (too few children)")
+        mean = self.loads.mean()
+
+        def walk(rank: int, indent: str) -> None:
+            node = self.nodes[rank]
+            info = f"rank {rank:>3}  load {self.loads[rank] / mean:5.2f}x mean"
+            if node.code is not None:
+                info += (f"  children {list(node.children)}  code {node.code.name} (k={node.code.k}, "
+                         f"tolerates {node.code.s}, worst |a| {node.code.worst_norm():.2f})")
+            lines.append(indent + info)
+            for c in node.children:
+                walk(c, indent + "  ")
+
+        walk(0, "  ")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (f"CodedReducePlan(world_size={self.world_size}, branching={self.branching}, "
+                f"stragglers={self.stragglers}, code={self.code!r}, seed={self.seed})")
+
+
+def _merge(segments: Segments) -> Segments:
+    out: Segments = []
+    for seg in segments:
+        if len(seg) == 0:
+            continue
+        if out and out[-1].stop == seg.start and out[-1].weight == seg.weight:
+            out[-1] = Shard(out[-1].start, seg.stop, seg.weight)
+        else:
+            out.append(seg)
+    return out
+
