@@ -226,8 +226,9 @@ class CodedReducePlan:
         return self._decodes(0, dead)
 
     def _decodes(self, rank: int, dead: set[int]) -> bool:
-        coefs = self.decoder(rank, [c for c in self.children(rank) if c not in dead])
-        return coefs is not None and all(self._decodes(c, dead) for c in coefs)
+        # a child that cannot decode never sends either: it counts as a straggler of its parent
+        sending = [c for c in self.children(rank) if c not in dead and self._decodes(c, dead)]
+        return self.decoder(rank, sending) is not None
 
     # ---------------------------------------------------------------- identity
     def fingerprint(self) -> str:

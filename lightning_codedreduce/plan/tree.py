@@ -37,8 +37,11 @@ class Node:
 
 @lru_cache(maxsize=None)
 def code_for(k: int, s: int, code: str, seed: int) -> Code | None:
-    """The code for a fan-out of ``k`` at tolerance ``min(s, k-1)``, or ``None`` if unsafe."""
-    c = make_code(k, min(s, k - 1), code, seed)
+    """The code for a fan-out of ``k`` at tolerance ``min(s, k-1)``, or ``None`` if unsafe or unavailable."""
+    try:
+        c = make_code(k, min(s, k - 1), code, seed)
+    except ValueError:  # e.g. code="frc" with s+1 not dividing k: the shape search skips this fan-out
+        return None
     return c if c.worst_norm() <= MAX_DECODE_NORM else None
 
 

@@ -1,0 +1,104 @@
+"""One rank of a plain-PyTorch training loop on CodedReducer, instrumented for the engine tests.
+
+Linear least squares, ``grad(x) = (theta . x - y) x``, so the float64 full-batch reference is cheap.
+Writes ``rank<r>.json`` (result hashes, reference errors, timings, skips, lag, buffers, errors).
+"""
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from lightning_codedreduce.engine import CodedReduceError, CodedReducer
+from lightning_codedreduce.plan import CodedReducePlan
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--n", type=int, default=3)
+    p.add_argument("--s", type=int, default=1)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--dim", type=int, default=16)
+    p.add_argument("--per-rank", type=int, default=8)
+    p.add_argument("--compute", type=float, default=0.0, help="seconds of emulated compute per step")
+    p.add_argument("--jitter", type=float, default=0.0, help="max random extra delay per step (seeded)")
+    p.add_argument("--sleep-once", default="", help="rank:step:seconds")
+    p.add_argument("--slow", default="", help="rank:factor (that rank computes factor x longer)")
+    p.add_argument("--timeout", type=float, default=20.0)
+    p.add_argument("--out", required=True)
+    a = p.parse_args()
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    plan = CodedReducePlan(world, a.n, a.s)
+    batch = plan.global_batch_for(a.per_rank)
+    data_rng = np.random.default_rng(1234)
+    n_data = batch * 3
+    X = data_rng.standard_normal((n_data, a.dim))
+    Y = X @ data_rng.standard_normal(a.dim) + 0.1 * data_rng.standard_normal(n_data)
+    X32, Y32 = torch.tensor(X, dtype=torch.float32), torch.tensor(Y, dtype=torch.float32)
+    shards = plan.shards(rank, batch)
+    theta = torch.zeros(a.dim, dtype=torch.float32)
+    delay_rng = np.random.default_rng(1000 + rank)
+    sleep_rank, sleep_step, sleep_secs = (a.sleep_once.split(":") + ["", "", ""])[:3] if a.sleep_once else (-1, -1, 0)
+    slow_rank, slow_factor = a.slow.split(":") if a.slow else (-1, 1)
+    out = {"rank": rank, "hashes": [], "errors": [], "applied_at": [], "skipped": [], "backlog": [],
+           "fingerprint": plan.fingerprint(), "error": None}
+    reducer = CodedReducer(plan, timeout=a.timeout)
+    path = os.path.join(a.out, f"rank{rank}.json")
+    code = 0
+    try:
+        for step in range(a.steps):
+            if step == 5:  # lets the test driver send signals once training really runs
+                open(os.path.join(a.out, f"rank{rank}.at5"), "w").close()
+            perm = np.random.default_rng(step // 3).permutation(n_data)  # a new "epoch" every 3 steps
+            idx = perm[(step % 3) * batch:(step % 3 + 1) * batch]
+            if reducer.ready(step):
+                result = reducer.result(step)
+                out["skipped"].append(step)
+            else:
+                delay = a.compute * (float(slow_factor) if rank == int(slow_rank) else 1.0)
+                delay += a.jitter * delay_rng.random()
+                if rank == int(sleep_rank) and step == int(sleep_step):
+                    out["sleep"] = [time.time(), None]
+                    time.sleep(float(sleep_secs))
+                    out["sleep"][1] = time.time()
+                time.sleep(delay)
+                local = torch.zeros(a.dim, dtype=torch.float32)
+                for sh in shards:
+                    rows = torch.as_tensor(idx[sh.start:sh.stop])
+                    xs, ys = X32[rows], Y32[rows]
+                    local += sh.weight * ((xs @ theta - ys)[:, None] * xs).sum(0)
+                result = reducer.reduce(step, local)
+                out["backlog"].append(reducer.backlog_steps)
+            th64 = theta.double().numpy()
+            terms = (X[idx] @ th64 - Y[idx])[:, None] * X[idx]
+            ref, scale = terms.sum(0), np.abs(terms).sum(0)  # float32 rounding is relative to sum |terms|
+            out["errors"].append(float((np.abs(result.double().numpy() - ref) / np.maximum(scale, 1e-30)).max()))
+            out["hashes"].append(hashlib.sha1(result.numpy().tobytes()).hexdigest()[:16])
+            theta -= 0.05 * result / batch
+            out["applied_at"].append(time.time())
+    except CodedReduceError as err:
+        out["error"] = str(err)
+        out["error_at"] = time.time()
+        code = 3
+    out["theta"] = hashlib.sha1(theta.numpy().tobytes()).hexdigest()
+    out["max_buffered"] = reducer.max_buffered
+    out["drained"] = reducer.drained
+    out["dead"] = {str(k): v for k, v in reducer.dead.items()}
+    out["queued_frames"] = reducer.queued_frames
+    with open(path + ".tmp", "w") as f:
+        json.dump(out, f)
+    os.replace(path + ".tmp", path)
+    reducer.close()
+    sys.stdout.flush()
+    os._exit(code)  # never hang in process-group teardown when a peer is gone
+
+
+if __name__ == "__main__":
+    main()

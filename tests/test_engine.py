@@ -1,0 +1,136 @@
+"""Multi-process tests of the CodedReducer over gloo: exactness, stragglers, catch-up, faults, frames."""
+import json
+import signal
+import time
+
+import pytest
+
+from mp import launch
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def _results(run, ranks):
+    return {r: run.result(r) for r in ranks}
+
+
+def _assert_exact_and_identical(res):
+    hashes = {r: d["hashes"] for r, d in res.items()}
+    first = next(iter(hashes.values()))
+    for r, h in hashes.items():
+        assert h == first, f"rank {r} got different results than rank {next(iter(hashes))}"
+    for r, d in res.items():
+        assert d["error"] is None, d["error"]
+        assert max(d["errors"]) < 2e-6, f"rank {r}: relative error {max(d['errors'])} vs float64 reference"
+    assert len({d["theta"] for d in res.values()}) == 1
+
+
+@pytest.mark.parametrize("world,n,s", [(7, 3, 1), (7, 2, 1), (7, 6, 2), (13, 3, 1), (13, 12, 1), (13, 4, 2), (7, 3, 0)])
+def test_exact_under_random_delays(tmp_path, world, n, s):
+    run = launch("engine_worker.py", world, ["--n", str(n), "--s", str(s), "--steps", "12", "--jitter", "0.03"],
+                 tmp_path)
+    run.check()
+    _assert_exact_and_identical(_results(run, range(world)))
+
+
+def test_leaf_sleeping_20s_does_not_stop_the_others(tmp_path):
+    # W=7, n=3, s=1: rank 6 is a leaf; it sleeps 20 s once at step 5
+    run = launch("engine_worker.py", 7, ["--steps", "60", "--compute", "0.05", "--sleep-once", "6:5:20"], tmp_path)
+    run.check()
+    res = _results(run, range(7))
+    start, end = res[6]["sleep"]
+    for r in range(6):
+        during = sum(1 for t in res[r]["applied_at"] if start < t < end)
+        assert during >= 20, f"rank {r} completed only {during} steps while rank 6 slept"
+    assert len(res[6]["skipped"]) >= 20  # it caught up by applying results, not by computing
+    _assert_exact_and_identical(res)
+
+
+def training_started(out_dir):
+    return (out_dir / "rank0.at5").exists()
+
+
+def after(seconds, condition):
+    """A launch action trigger: ``seconds`` after ``condition`` first held."""
+    seen = []
+
+    def trigger(out_dir):
+        if not seen and condition(out_dir):
+            seen.append(time.monotonic())
+        return bool(seen) and time.monotonic() - seen[0] >= seconds
+
+    return trigger
+
+
+def test_sigstop_leaf_catches_up(tmp_path):
+    run = launch("engine_worker.py", 7, ["--steps", "150", "--compute", "0.05", "--timeout", "25"], tmp_path,
+                 actions=[(training_started, 5, signal.SIGSTOP), (after(10, training_started), 5, signal.SIGCONT)])
+    run.check()
+    res = _results(run, range(7))
+    assert len(res[5]["skipped"]) >= 10, "the stopped leaf should have applied results it missed"
+    _assert_exact_and_identical(res)
+
+
+def test_slow_leaf_lag_and_memory_stay_bounded(tmp_path):
+    run = launch("engine_worker.py", 7, ["--steps", "200", "--compute", "0.02", "--slow", "4:3"], tmp_path,
+                 timeout=200)
+    run.check()
+    res = _results(run, range(7))
+    assert max(res[4]["backlog"]) <= 2, f"lag of the slow leaf reached {max(res[4]['backlog'])} steps"
+    assert len(res[4]["skipped"]) >= 100
+    for r, d in res.items():
+        assert d["max_buffered"] <= 2 * 3, f"rank {r} buffered {d['max_buffered']} child messages"
+        assert max(d["backlog"] or [0]) <= 2
+    _assert_exact_and_identical(res)
+
+
+def test_internal_straggler_subtree_excluded(tmp_path):
+    # rank 1 is a parent (children 3, 4); it is slow for one long step: the root decodes without its subtree
+    run = launch("engine_worker.py", 7, ["--steps", "30", "--compute", "0.02", "--sleep-once", "1:3:3"], tmp_path)
+    run.check()
+    res = _results(run, range(7))
+    assert res[3]["drained"] + res[1]["drained"] + res[0]["drained"] >= 1 or len(res[1]["skipped"]) >= 1
+    assert len(res[1]["skipped"]) >= 5
+    _assert_exact_and_identical(res)
+
+
+def test_sigkill_leaf_tolerated_with_s1(tmp_path):
+    run = launch("engine_worker.py", 7, ["--steps", "120", "--compute", "0.03", "--timeout", "10"], tmp_path,
+                 actions=[(after(1.0, training_started), 4, signal.SIGKILL)])
+    assert run.returncodes[4] == -signal.SIGKILL
+    survivors = [r for r in range(7) if r != 4]
+    assert all(run.returncodes[r] == 0 for r in survivors), run.outputs
+    res = _results(run, survivors)
+    assert "4" in res[1]["dead"], "the parent should record the dead child"
+    _assert_exact_and_identical(res)
+    assert all(len(d["hashes"]) == 120 for d in res.values())
+
+
+def test_sigkill_leaf_fails_fast_with_s0(tmp_path):
+    timeout = 8.0
+    killed = []
+
+    def kill_now(out_dir):
+        if training_started(out_dir):
+            killed.append(time.time())
+            return True
+        return False
+
+    run = launch("engine_worker.py", 7, ["--s", "0", "--steps", "100000", "--compute", "0.03", "--timeout",
+                                         str(timeout)], tmp_path, actions=[(kill_now, 6, signal.SIGKILL)], timeout=90)
+    survivors = [r for r in range(7) if r != 6]
+    for r in survivors:
+        assert run.returncodes[r] == 3, f"rank {r} exited {run.returncodes[r]}:\n{run.outputs[r][-2000:]}"
+        d = run.result(r)
+        assert "rank 6" in d["error"], d["error"]
+        assert d["error_at"] - killed[0] < timeout + 5, "the error must come within the configured bound"
+
+
+def test_bad_frames_rejected(tmp_path):
+    run = launch("frame_worker.py", 2, [], tmp_path, timeout=90)
+    run.check()
+    res = json.loads((tmp_path / "frames.json").read_text())
+    assert "different CodedReduce plan" in res["fingerprint"]
+    assert "expected step" in res["step"] or "step" in res["step"]
+    assert "expected" in res["length"] and "values" in res["length"]
+    assert "bad magic" in res["magic"]

@@ -1,0 +1,249 @@
+"""Property tests of CodedReducePlan: exact decoding for every tolerated straggler pattern, loads,
+speed, identity and input validation."""
+from __future__ import annotations
+
+import itertools
+import random
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from lightning_codedreduce.plan import CodedReducePlan
+
+BRANCHINGS = [2, 3, 4, 5, 6, 12]
+EXHAUSTIVE_MAX_PATTERNS = 2**12
+configs = st.tuples(st.integers(1, 40), st.sampled_from(BRANCHINGS), st.integers(0, 2)).filter(lambda c: c[2] < c[1])
+
+
+def local_sums(plan: CodedReducePlan, batch: int, v: np.ndarray) -> list[np.ndarray]:
+    """Each rank's weighted local sum of the per-sample vectors ``v`` (float64)."""
+    out = []
+    for r in range(plan.world_size):
+        acc = np.zeros(v.shape[1])
+        for sh in plan.shards(r, batch):
+            acc += sh.weight * v[sh.start:sh.stop].sum(axis=0)
+        out.append(acc)
+    return out
+
+
+def simulate(plan: CodedReducePlan, local: list[np.ndarray], dead: set[int], rng: random.Random) -> np.ndarray | None:
+    """Upward pass: children arrive in random order, each parent decodes at the first decodable
+    arrival set. A straggler (or a rank that cannot decode) never sends. ``None``: root is stuck."""
+    msgs: dict[int, np.ndarray] = {}
+    for r in reversed(range(plan.world_size)):  # children have larger ranks than parents
+        if r in dead:
+            continue
+        sending = [c for c in plan.children(r) if c in msgs]
+        rng.shuffle(sending)
+        coefs = None
+        for i in range(len(sending) + 1):
+            coefs = plan.decoder(r, sending[:i])
+            if coefs is not None:
+                assert set(coefs) <= set(sending[:i]), "decoder used a child that has not arrived"
+                break
+        if coefs is not None:
+            msgs[r] = local[r] + sum((c * msgs[k] for k, c in coefs.items()), np.zeros_like(local[r]))
+    return msgs.get(0)
+
+
+def per_parent_patterns(plan: CodedReducePlan, rng: random.Random, count: int) -> list[set[int]]:
+    """Random patterns where every parent loses at most ``tolerance(parent)`` children."""
+    out = []
+    for _ in range(count):
+        dead: set[int] = set()
+        for r in range(plan.world_size):
+            kids = plan.children(r)
+            if kids:
+                dead.update(rng.sample(kids, rng.randint(0, plan.tolerance(r))))
+        out.append(dead)
+    return out
+
+
+def check_pattern(plan, local, ref, dead, rng) -> bool:
+    out = simulate(plan, local, dead, rng)
+    tolerated = plan.tolerates(dead)
+    assert tolerated == (out is not None), f"tolerates({sorted(dead)})={tolerated} but the simulation disagrees"
+    if out is not None:
+        np.testing.assert_allclose(out, ref, rtol=1e-9, atol=1e-9 * np.abs(ref).max(), err_msg=f"dead={sorted(dead)}")
+    return tolerated
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(cfg=configs, extra=st.integers(0, 50), seed=st.integers(0, 2**16))
+@example(cfg=(13, 3, 1), extra=0, seed=1)  # regular tree, 4096 patterns
+@example(cfg=(13, 12, 1), extra=3, seed=2)  # flat tree, FRC
+@example(cfg=(4, 3, 1), extra=1, seed=3)  # integer (3,1) code, weights != 1
+@example(cfg=(10, 4, 2), extra=2, seed=4)  # remainder blocks at s=2
+@example(cfg=(4, 2, 1), extra=0, seed=5)  # a parent that cannot decode is a straggler of its own parent
+@example(cfg=(40, 3, 1), extra=7, seed=6)
+def test_every_tolerated_pattern_decodes_exactly(cfg, extra, seed):
+    w, n, s = cfg
+    plan = CodedReducePlan(w, n, s)
+    batch = plan.min_global_batch_size + extra
+    v = np.random.default_rng(seed).standard_normal((batch, 4))
+    ref = v.sum(axis=0)
+    local = local_sums(plan, batch, v)
+    rng = random.Random(seed)
+    others = range(1, w)
+    if 2 ** (w - 1) <= EXHAUSTIVE_MAX_PATTERNS:
+        patterns = [set(c) for k in range(w) for c in itertools.combinations(others, k)]
+    else:
+        patterns = [set(), *({r} for r in others)]
+        patterns += [{r for r in others if rng.random() < p} for p in (0.05, 0.1, 0.2, 0.4) for _ in range(25)]
+    for dead in patterns:
+        check_pattern(plan, local, ref, dead, rng)
+    for dead in per_parent_patterns(plan, rng, 30):
+        assert check_pattern(plan, local, ref, dead, rng), f"dead={sorted(dead)} loses <= tolerance per parent"
+    assert not plan.tolerates({0}) and not plan.tolerates(set(others) | {0})
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(cfg=configs)
+def test_any_k_minus_tolerance_children_decode(cfg):
+    plan = CodedReducePlan(*cfg)
+    for r in range(plan.world_size):
+        kids = plan.children(r)
+        k, t = len(kids), plan.tolerance(r)
+        assert plan.decoder(r, []) is None if kids else plan.decoder(r, []) == {}
+        assert t == min(plan.stragglers, max(k - 1, 0))
+        for size in range(k - t, k + 1):
+            for arrived in itertools.combinations(kids, size):
+                coefs = plan.decoder(r, arrived)
+                assert coefs is not None, f"rank {r}: children {arrived} must decode (tolerance {t})"
+                assert set(coefs) <= set(arrived)
+        assert (r in plan.reduced_tolerance) == (bool(kids) and t < plan.stragglers)
+
+
+@settings(max_examples=60, deadline=None)
+@given(w=st.integers(1, 40), n=st.sampled_from(BRANCHINGS), extra=st.integers(0, 100))
+def test_uncoded_plan_has_no_redundancy(w, n, extra):
+    plan = CodedReducePlan(w, n, 0)
+    assert plan.redundancy == pytest.approx(1.0, abs=1e-12)
+    batch = plan.min_global_batch_size + extra
+    covered = sorted(p for r in range(w) for sh in plan.shards(r, batch) for p in range(sh.start, sh.stop))
+    assert covered == list(range(batch))  # every position exactly once
+    assert all(sh.weight == 1.0 for r in range(w) for sh in plan.shards(r, batch))
+    assert plan.tolerates(set()) and all(not plan.tolerates({r}) for r in range(1, w))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(cfg=configs, extra=st.integers(0, 300))
+def test_shards_match_loads(cfg, extra):
+    plan = CodedReducePlan(*cfg)
+    batch = plan.min_global_batch_size + extra
+    assert plan.loads.shape == (plan.world_size,) and plan.loads.min() > 0
+    assert plan.redundancy == pytest.approx(plan.loads.sum()) and plan.redundancy >= 1 - 1e-12
+    for r in range(plan.world_size):
+        shards = plan.shards(r, batch)
+        assert shards == plan.shards(r, batch)  # constant across calls
+        positions = [p for sh in shards for p in range(sh.start, sh.stop)]
+        assert positions and len(set(positions)) == len(positions)
+        assert 0 <= min(positions) and max(positions) < batch
+        assert abs(len(positions) - plan.loads[r] * batch) <= plan.depth + 1
+    assert plan.global_batch_for(8) >= plan.min_global_batch_size
+
+
+@pytest.mark.parametrize("n", [3, 4])
+def test_load_imbalance_small_worlds(n):
+    worst = {w: CodedReducePlan(w, n, 1).load_imbalance for w in range(1, 41)}
+    assert max(worst.values()) <= 1.15, {w: round(x, 3) for w, x in worst.items() if x > 1.15}
+
+
+def test_regular_tree_redundancy_matches_paper():
+    assert CodedReducePlan(13, 3, 1).redundancy == pytest.approx(2.74, abs=0.01)
+    assert CodedReducePlan(13, 12, 1).redundancy == pytest.approx(1.86, abs=0.01)
+
+
+# CPU seconds of a fresh process (no warm lru caches); CPU time, not wall clock, so that other jobs
+# on a small shared machine do not make the test flaky.
+_TIMER = """
+import sys, time
+from lightning_codedreduce.plan import CodedReducePlan
+w, n, s = map(int, sys.argv[1:])
+t = time.process_time()
+plan = CodedReducePlan(w, n, s)
+plan.shards(0, plan.min_global_batch_size)
+print(time.process_time() - t)
+"""
+
+
+@pytest.mark.parametrize("w,n,s,limit", [(157, 12, 1, 2.0), (157, 12, 2, 2.0), (157, 12, 3, 2.0), (1000, 16, 1, 10.0)])
+def test_build_time(w, n, s, limit):
+    out = subprocess.run([sys.executable, "-c", _TIMER, str(w), str(n), str(s)], capture_output=True, text=True, check=True)
+    assert float(out.stdout) < limit
+
+
+def test_fingerprint_stable_and_distinct():
+    fp = CodedReducePlan(13, 3, 1).fingerprint()
+    assert re.fullmatch(r"[0-9a-f]{16}", fp) and CodedReducePlan(13, 3, 1).fingerprint() == fp
+    code = "from lightning_codedreduce.plan import CodedReducePlan; print(CodedReducePlan(13, 3, 1).fingerprint())"
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert fresh == fp
+    variants = [(14, 3, 1, "auto", 0), (13, 4, 1, "auto", 0), (13, 3, 0, "auto", 0), (13, 3, 2, "auto", 0),
+                (13, 3, 1, "auto", 1), (12, 2, 1, "auto", 0), (12, 2, 1, "frc", 0)]
+    fps = [CodedReducePlan(*v).fingerprint() for v in variants]
+    assert fp not in fps and len(set(fps)) == len(fps)
+
+
+def test_describe_mentions_every_rank():
+    plan = CodedReducePlan(16, 3, 1)
+    text = plan.describe()
+    for r in range(16):
+        assert re.search(rf"rank\s+{r}\b", text), r
+    assert plan.fingerprint() in text
+    assert plan.reduced_tolerance and str(plan.reduced_tolerance) in text
+
+
+# ---------------------------------------------------------------- bad input: the message says how to fix
+def test_world_size_below_one():
+    with pytest.raises(ValueError, match="world_size must be >= 1.*use"):
+        CodedReducePlan(0)
+
+
+def test_branching_below_two():
+    with pytest.raises(ValueError, match="branching must be >= 2.*e.g. branching=3"):
+        CodedReducePlan(7, 1, 0)
+
+
+def test_negative_stragglers():
+    with pytest.raises(ValueError, match="stragglers must be >= 0.*use 0"):
+        CodedReducePlan(7, 3, -1)
+
+
+def test_stragglers_not_below_branching():
+    with pytest.raises(ValueError, match="must be smaller than branching.*use e.g. branching=5"):
+        CodedReducePlan(7, 3, 3)
+
+
+def test_global_batch_too_small():
+    plan = CodedReducePlan(13)
+    with pytest.raises(ValueError, match=f"use at least {plan.min_global_batch_size}"):
+        plan.shards(0, 1)
+    with pytest.raises(ValueError, match="global_batch_size must be"):
+        plan.shards(0, 0)
+
+
+def test_unknown_code():
+    with pytest.raises(ValueError, match="unknown code 'mds'.*choose one of"):
+        CodedReducePlan(7, 3, 1, code="mds")
+
+
+@pytest.mark.parametrize("w,n,s", [(5, 4, 1), (13, 4, 1), (40, 6, 2), (9, 3, 1), (21, 12, 1)])
+def test_frc_plans_have_unit_weights(w, n, s):
+    plan = CodedReducePlan(w, n, s, code="frc")  # fan-outs FRC cannot serve are skipped, not fatal
+    batch = plan.min_global_batch_size + 5
+    assert all(sh.weight == 1.0 for r in range(w) for sh in plan.shards(r, batch))
+    assert all(set(plan.decoder(r, plan.children(r)).values()) <= {1.0} for r in range(w))
+
+
+@pytest.mark.parametrize("kwargs", [dict(world_size=2.5), dict(world_size="3"), dict(world_size=True),
+                                    dict(branching=3.0), dict(stragglers="1"), dict(seed=False)])
+def test_non_integer_arguments(kwargs):
+    args = dict(world_size=7, branching=3, stragglers=1) | kwargs
+    with pytest.raises(ValueError, match="must be an integer"):
+        CodedReducePlan(**args)
