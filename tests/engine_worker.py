@@ -42,6 +42,7 @@ def main() -> None:
     X = data_rng.standard_normal((n_data, a.dim))
     Y = X @ data_rng.standard_normal(a.dim) + 0.1 * data_rng.standard_normal(n_data)
     X32, Y32 = torch.tensor(X, dtype=torch.float32), torch.tensor(Y, dtype=torch.float32)
+    X, Y = X32.double().numpy(), Y32.double().numpy()  # the reference sees the same (rounded) data
     shards = plan.shards(rank, batch)
     theta = torch.zeros(a.dim, dtype=torch.float32)
     delay_rng = np.random.default_rng(1000 + rank)
@@ -77,8 +78,10 @@ def main() -> None:
                 result = reducer.reduce(step, local)
                 out["backlog"].append(reducer.backlog_steps)
             th64 = theta.double().numpy()
-            terms = (X[idx] @ th64 - Y[idx])[:, None] * X[idx]
-            ref, scale = terms.sum(0), np.abs(terms).sum(0)  # float32 rounding is relative to sum |terms|
+            xs, ys = X[idx], Y[idx]
+            ref = ((xs @ th64 - ys)[:, None] * xs).sum(0)
+            # float32 rounding bound of this computation: the residual is rounded relative to |x.theta| + |y|
+            scale = ((np.abs(xs) @ np.abs(th64) + np.abs(ys))[:, None] * np.abs(xs)).sum(0)
             out["errors"].append(float((np.abs(result.double().numpy() - ref) / np.maximum(scale, 1e-30)).max()))
             out["hashes"].append(hashlib.sha1(result.numpy().tobytes()).hexdigest()[:16])
             theta -= 0.05 * result / batch

@@ -21,7 +21,8 @@ def _assert_exact_and_identical(res):
         assert h == first, f"rank {r} got different results than rank {next(iter(hashes))}"
     for r, d in res.items():
         assert d["error"] is None, d["error"]
-        assert max(d["errors"]) < 2e-6, f"rank {r}: relative error {max(d['errors'])} vs float64 reference"
+        # error relative to the float32 rounding bound of the gradient computation (eps32 = 6e-8)
+        assert max(d["errors"]) < 1e-6, f"rank {r}: relative error {max(d['errors'])} vs float64 reference"
     assert len({d["theta"] for d in res.values()}) == 1
 
 
@@ -130,7 +131,8 @@ def test_bad_frames_rejected(tmp_path):
     run = launch("frame_worker.py", 2, [], tmp_path, timeout=90)
     run.check()
     res = json.loads((tmp_path / "frames.json").read_text())
-    assert "different CodedReduce plan" in res["fingerprint"]
-    assert "expected step" in res["step"] or "step" in res["step"]
-    assert "expected" in res["length"] and "values" in res["length"]
+    assert "built a different CodedReduce plan" in res["plans"]
+    assert "different CodedReduce plan (fingerprint" in res["fingerprint"]
+    assert "UP frame for step 7" in res["step"]
+    assert "sent 5" in res["length"] and "expected 4" in res["length"]
     assert "bad magic" in res["magic"]

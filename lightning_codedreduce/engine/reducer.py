@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from ..plan import CodedReducePlan
 from .frames import FrameError, Header, Kind, fingerprint_int
-from .transport import Link
+from .transport import TAG, Link
 
 
 class CodedReduceError(RuntimeError):
@@ -66,10 +66,11 @@ class CodedReducer:
         start_step: first step number (e.g. the global step after a resume).
         max_backlog_bytes: unconsumed results kept before back-pressure.
         group: process group (default: the world); its size must equal ``plan.world_size``.
+        tag: point-to-point tag of this reducer's frames (two reducers on one group need two tags).
     """
 
     def __init__(self, plan: CodedReducePlan, *, timeout: float = 30.0, start_step: int = 0,
-                 max_backlog_bytes: int = 512 << 20, group=None, check_plan: bool = True):
+                 max_backlog_bytes: int = 512 << 20, group=None, tag: int = TAG, check_plan: bool = True):
         if not dist.is_initialized():
             raise RuntimeError("initialise torch.distributed (e.g. gloo) before creating a CodedReducer")
         world = dist.get_world_size(group)
@@ -108,8 +109,8 @@ class CodedReducer:
         parent = plan.parent(self.rank)
         hb = max(0.05, timeout / 10)
         self._parent = None if parent is None else Link(self.rank, parent, self._fp, self._events, timeout, hb,
-                                                        group=group, before_receive=self._room_for_results)
-        self._children = {c: Link(self.rank, c, self._fp, self._events, timeout, hb, group=group)
+                                                        group=group, tag=tag, before_receive=self._room_for_results)
+        self._children = {c: Link(self.rank, c, self._fp, self._events, timeout, hb, group=group, tag=tag)
                           for c in plan.children(self.rank)}
         for link in self._links():
             link.start()

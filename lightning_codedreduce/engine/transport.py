@@ -25,7 +25,7 @@ class Link:
     """A bidirectional link to one neighbour rank."""
 
     def __init__(self, rank: int, peer: int, fingerprint: int, events: queue.Queue, timeout: float,
-                 heartbeat: float, max_queued: int = 64, group=None,
+                 heartbeat: float, max_queued: int = 64, group=None, tag: int = TAG,
                  before_receive: Callable[[], None] | None = None):
         self.rank = rank
         self.peer = peer
@@ -35,6 +35,7 @@ class Link:
         self.events = events
         self.timeout = datetime.timedelta(seconds=timeout)
         self.group = group
+        self.tag = tag
         self.outbox: queue.Queue = queue.Queue(maxsize=max_queued)
         self.closed = threading.Event()
         self._rx = threading.Thread(target=self._receive_loop, name=f"codedreduce-rx-{peer}", daemon=True)
@@ -69,9 +70,9 @@ class Link:
             if header is None:
                 return
             try:  # no timeout on sends: a dead peer fails them, a stopped one is caught by its receiver
-                dist.isend(header.encode(self.fingerprint), self.peer, group=self.group, tag=TAG).wait()
+                dist.isend(header.encode(self.fingerprint), self.peer, group=self.group, tag=self.tag).wait()
                 if payload is not None:
-                    dist.isend(payload, self.peer, group=self.group, tag=TAG).wait()
+                    dist.isend(payload, self.peer, group=self.group, tag=self.tag).wait()
             except Exception as err:  # peer died or link broke: report, stop using the link
                 if not self.closed.is_set():
                     self.events.put(("dead", self.peer, f"send failed: {_short(err)}"))
@@ -86,12 +87,12 @@ class Link:
                 self.before_receive()  # back-pressure: the owner may hold us while it is full
             raw = torch.empty(HEADER_LEN, dtype=torch.int64)
             try:
-                self._wait(dist.irecv(raw, self.peer, group=self.group, tag=TAG))
+                self._wait(dist.irecv(raw, self.peer, group=self.group, tag=self.tag))
                 header = decode_header(raw, self.fingerprint, self.peer)
                 payload = None
                 if header.numel:
                     payload = torch.empty(header.numel, dtype=header.dtype)
-                    self._wait(dist.irecv(payload, self.peer, group=self.group, tag=TAG))
+                    self._wait(dist.irecv(payload, self.peer, group=self.group, tag=self.tag))
             except FrameError as err:
                 self.events.put(("bad", self.peer, str(err)))
                 return
