@@ -80,7 +80,7 @@ def main() -> None:
             epoch += 1
     finally:
         reducer.close()
-    digest = sum(float(q.double().sum()) for q in params)
+    digest = sum(float(q.detach().double().sum()) for q in params)
     print(f"rank {rank} done: {step} steps, parameter checksum {digest:.10f}", flush=True)
     dist.destroy_process_group()
 

@@ -1,5 +1,29 @@
-"""lightning_codedreduce: straggler-tolerant data-parallel training (CodedReduce) for PyTorch Lightning."""
+"""lightning_codedreduce: straggler-tolerant data-parallel training (CodedReduce) for PyTorch Lightning.
+
+Importing the package registers ``Trainer(strategy="codedreduce")`` (and ``"codedreduce_fork"``, whose
+processes are forked, for notebooks) in PyTorch Lightning's strategy registry -- and in
+``lightning.pytorch``'s when that package is used. The plan and engine do not import Lightning.
+"""
+from ._registration import register_strategies
 from .plan import CodedReducePlan, Shard
 
-__all__ = ["CodedReducePlan", "Shard"]
+register_strategies()
+
+__all__ = ["CodedReducePlan", "CodedReduceStrategy", "Shard", "register_strategies"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name == "CodedReduceStrategy":  # imports pytorch_lightning: only when asked for
+        from .strategy import CodedReduceStrategy
+
+        return CodedReduceStrategy
+    if name in _CALLBACKS:  # imports pytorch_lightning too: only when asked for
+        from . import callbacks
+
+        return getattr(callbacks, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_CALLBACKS = ("StragglerInjector", "StragglerMonitor", "plot_stragglers")
+__all__ += list(_CALLBACKS)

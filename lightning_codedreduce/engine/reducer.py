@@ -138,7 +138,10 @@ class CodedReducer:
         if step != self._next_step:
             raise ValueError(f"reduce(step={step}) out of order: the next step to apply is {self._next_step}")
         self._raise_if_failed()
-        flat = torch.cat([t.detach().reshape(-1).to("cpu", non_blocking=False) for t in tensors])
+        # one private contiguous CPU copy (CUDA tensors are staged through host memory); the protocol
+        # thread accumulates into it, so the caller's tensors are never modified
+        flat = torch.cat([t.detach().reshape(-1).cpu() for t in tensors]) if len(tensors) > 1 \
+            else tensors[0].detach().reshape(-1).to("cpu", copy=True)
         self._events.put(("local", step, flat, time.monotonic()))
         out = self.result(step)
         parts, offset = [], 0
@@ -281,7 +284,7 @@ class CodedReducer:
         coefs = self.plan.decoder(self.rank, arrived.keys())
         if coefs is None:
             return
-        out = local.clone()
+        out = local  # our own flattened copy (see reduce): accumulate in place
         for child, coef in coefs.items():
             msg = arrived[child]
             if msg.numel() != out.numel() or msg.dtype != out.dtype:

@@ -1,0 +1,264 @@
+"""CodedReduce side by side with Horovod ring all-reduce, DDP, gradient coding and an uncoded tree.
+
+    python benchmarks/harness.py            # default grid: W=7 and W=13, both workloads, 4 straggler models
+    python benchmarks/harness.py --quick    # W=7, logistic regression, none/paper/heavy, 12 steps (< 5 min)
+    python benchmarks/harness.py --worlds 13 --rate 100mbit --workloads mlp --stragglers heavy
+
+Every scheme runs the same workload as a plain PyTorch training loop (``bench_worker.py``), in the
+same processes one after the other (Horovod: its own launch), on an emulated network: one network
+namespace per rank, a bridge, ``tbf`` at ``--rate`` per host and direction (benchmarks/netns.py),
+created and always torn down here. Where namespaces are not permitted the harness says so, runs on
+loopback and marks every result ``network: loopback``.
+
+Writes ``<out>/results.json`` (every measurement, ratios, goals, simulator validation),
+``<out>/results.md`` and PNG plots, and prints the tables. See benchmarks/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import netns, report  # noqa: E402
+from benchmarks.workloads import (  # noqa: E402
+    WORKLOADS, StragglerSpec, default_schemes, make_data)
+
+WORKER = ROOT / "benchmarks" / "bench_worker.py"
+MASTER_PORT = 29511
+
+
+def horovod_status(python: str) -> tuple[bool, str]:
+    """Whether ``horovod.torch`` imports in the benchmark's interpreter (checked in a subprocess)."""
+    if importlib.util.find_spec("horovod") is None and python == sys.executable:
+        return False, "horovod is not installed (run `make horovod` to build and install it)"
+    proc = subprocess.run([python, "-c", "import horovod.torch"], capture_output=True, text=True, timeout=120)
+    if proc.returncode:
+        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        return False, f"import horovod.torch failed: {tail} (run `make horovod`)"
+    return True, "ok"
+
+
+def plan_cells(world: int, workloads: list[str], stragglers: list[str], schemes: list[str] | None,
+               steps: dict[str, int]) -> tuple[list[dict], list[dict]]:
+    """(torch.distributed cells, Horovod cells), grouped so each straggler model's schemes run back to back."""
+    main, hvd = [], []
+    for name in workloads:
+        for model in stragglers:
+            spec = StragglerSpec.default(model)
+            for sc in default_schemes(world):
+                if schemes and sc.name not in schemes and sc.kind not in schemes:
+                    continue
+                cell = {"id": f"W{world}-{name}-{model}-{sc.name}", "world": world, "workload": name,
+                        "straggler": spec.__dict__, "scheme": sc.__dict__, "steps": steps[name]}
+                (hvd if sc.kind == "horovod" else main).append(cell)
+    return main, hvd
+
+
+class Launch:
+    """W worker processes (or one horovodrun); killed as whole process groups on any exit."""
+
+    def __init__(self, out_dir: Path, label: str):
+        self.out_dir, self.label = out_dir, label
+        self.procs: list[subprocess.Popen] = []
+        self.logs = []
+
+    def start(self, cmd: list[str], env: dict, log_name: str) -> None:
+        log = open(self.out_dir / log_name, "w")
+        self.logs.append(log)
+        self.procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                           cwd=ROOT))
+
+    def wait(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        try:
+            while any(p.poll() is None for p in self.procs):
+                if any(p.poll() not in (None, 0) for p in self.procs):
+                    time.sleep(2.0)  # let the others report, then stop them
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.label}: workers did not finish within {timeout:.0f} s")
+                time.sleep(0.1)
+            bad = [(i, p.returncode) for i, p in enumerate(self.procs) if p.poll() not in (None, 0)]
+            if bad or any(p.poll() is None for p in self.procs):
+                raise RuntimeError(f"{self.label}: worker(s) failed {bad}:\n{self.tail()}")
+        finally:
+            self.kill()
+
+    def tail(self, chars: int = 3000) -> str:
+        out = []
+        for log in self.logs:
+            log.flush()
+            text = Path(log.name).read_text(errors="replace")
+            if "Error" in text or "Traceback" in text:
+                out.append(f"--- {Path(log.name).name}\n{text[-chars:]}")
+        return "\n".join(out[:3]) or "(no error in the logs)"
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        for log in self.logs:
+            log.close()
+
+
+def run_world(world: int, cells: list[dict], hvd_cells: list[dict], args, data: dict, out_dir: Path,
+              net_mode: str, hvd_launcher: str) -> None:
+    """Run one world size's cells on a fresh emulated network (or loopback)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base_cfg = {"out_dir": str(out_dir), "seed": args.seed, "data": data, "engine_timeout": 60.0,
+                "compute_s": {k: args.compute[k] for k in data}}
+    net = netns.EmulatedNetwork(world, rate=args.rate) if net_mode == "netns" else None
+    py = args.python
+    try:
+        if net is not None:
+            net.__enter__()
+        common = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        common.pop("HOROVOD_GLOO_RENDEZVOUS_PORT", None)
+        for label, todo in (("torch", cells), ("horovod", hvd_cells)):
+            if not todo:
+                continue
+            cfg = dict(base_cfg, launch=label, cells=todo)
+            cfg_path = out_dir / f"config_{label}.json"
+            cfg_path.write_text(json.dumps(cfg, indent=1))
+            (out_dir / "hvd_rendezvous_port").unlink(missing_ok=True)
+            launch = Launch(out_dir, f"W={world} {label}")
+            t = time.monotonic()
+            print(f"  W={world}: {len(todo)} {label} cells ({'namespaces, ' + args.rate if net else 'loopback'})",
+                  flush=True)
+            if label == "horovod" and net is None and hvd_launcher == "horovodrun":
+                hvdrun = str(Path(py).parent / "horovodrun")
+                launch.start([hvdrun, "-np", str(world), "-H", f"localhost:{world}", "--gloo",
+                              py, str(WORKER), "--config", str(cfg_path)], common, "horovod.log")
+            else:
+                port = MASTER_PORT if net else report.free_port()  # fresh namespaces: no port in use there
+                for r in range(world):
+                    env = dict(common, WORLD_SIZE=str(world), RANK=str(r), LOCAL_RANK=str(r),
+                               MASTER_ADDR=net.address(0) if net else "127.0.0.1",
+                               MASTER_PORT=str(port),
+                               GLOO_SOCKET_IFNAME=net.iface if net else "lo")
+                    if label == "horovod":
+                        env.update(HOROVOD_HOSTNAME=f"h{r}", HOROVOD_RANK=str(r), HOROVOD_SIZE=str(world),
+                                   HOROVOD_LOCAL_RANK="0", HOROVOD_LOCAL_SIZE="1", HOROVOD_CROSS_RANK=str(r),
+                                   HOROVOD_CROSS_SIZE=str(world), HOROVOD_CONTROLLER="gloo",
+                                   HOROVOD_CPU_OPERATIONS="gloo",
+                                   HOROVOD_GLOO_RENDEZVOUS_ADDR=net.address(0) if net else "127.0.0.1",
+                                   HOROVOD_GLOO_IFACE=net.iface if net else "lo")
+                    cmd = (net.exec_prefix(r) if net else []) + [py, str(WORKER), "--config", str(cfg_path)]
+                    launch.start(cmd, env, f"{label}_rank{r}.log")
+            budget = 120 + sum(report.cell_budget(c, args.compute) for c in todo)
+            launch.wait(budget)
+            print(f"  W={world}: {label} done in {time.monotonic() - t:.0f} s", flush=True)
+    finally:
+        if net is not None:
+            net.teardown()
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="W=7, logreg, none/paper/heavy, 12 steps (< 5 min)")
+    p.add_argument("--worlds", type=int, nargs="+")
+    p.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS))
+    p.add_argument("--stragglers", nargs="+", choices=["none", "paper", "heavy", "shiftexp"])
+    p.add_argument("--schemes", nargs="+", help="scheme names or kinds (coded, gc, allreduce, horovod)")
+    p.add_argument("--steps", type=int, help="steps per cell (default 25, quick 12)")
+    p.add_argument("--rate", default="1gbit", help="per-host link rate, e.g. 1gbit or 100mbit")
+    p.add_argument("--network", choices=["auto", "netns", "loopback"], default="auto")
+    p.add_argument("--horovod", choices=["auto", "off"], default="auto", help="off: skip the Horovod baseline")
+    p.add_argument("--horovod-launcher", choices=["auto", "horovodrun", "env"], default="auto",
+                   help="loopback: horovodrun --gloo; namespaces: the same environment set per rank (env)")
+    p.add_argument("--compute-logreg", type=float, default=WORKLOADS["logreg"]["compute_s"],
+                   help="emulated compute seconds per step of a rank's batch (logreg)")
+    p.add_argument("--compute-mlp", type=float, default=WORKLOADS["mlp"]["compute_s"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="output folder (default runs/bench, quick: runs/bench/quick)")
+    p.add_argument("--no-sim", action="store_true", help="skip the simulator validation and paper-scale sweep")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--python", default=sys.executable, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    a.worlds = a.worlds or ([7] if a.quick else [7, 13])
+    a.workloads = a.workloads or (["logreg"] if a.quick else ["logreg", "mlp"])
+    a.stragglers = a.stragglers or (["none", "paper", "heavy"] if a.quick else ["none", "paper", "heavy", "shiftexp"])
+    steps = a.steps or (12 if a.quick else 25)
+    a.steps_by = {k: steps for k in WORKLOADS}
+    a.compute = {"logreg": a.compute_logreg, "mlp": a.compute_mlp}
+    a.out = Path(a.out or ("runs/bench/quick" if a.quick else "runs/bench"))
+    if any(w < 4 for w in a.worlds):
+        p.error("world sizes must be >= 4")
+    return a
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t_start = time.monotonic()
+    out = args.out if args.out.is_absolute() else ROOT / args.out
+    raw = out / "raw"
+    if raw.exists():
+        shutil.rmtree(raw)
+    raw.mkdir(parents=True)
+    data_dir = ROOT / "runs" / "bench" / "data"
+    data = {name: [str(p) for p in make_data(name, data_dir, args.seed)] for name in args.workloads}
+
+    net_mode, net_note = "loopback", "requested"
+    if args.network in ("auto", "netns"):
+        ok, why = netns.probe()
+        if ok:
+            net_mode, net_note = "netns", f"one network namespace per rank, tbf {args.rate} per host and direction"
+        elif args.network == "netns":
+            print(f"network namespaces are not permitted here: {why}", file=sys.stderr)
+            return 2
+        else:
+            net_note = f"network namespaces not permitted ({why}): loopback, no rate limit"
+            print(f"NOTE: {net_note}; results are marked network=loopback", flush=True)
+    hvd_ok, hvd_why = (False, "disabled with --horovod off") if args.horovod == "off" else horovod_status(args.python)
+    if not hvd_ok:
+        print(f"NOTE: Horovod baseline skipped: {hvd_why}", flush=True)
+    hvd_launcher = args.horovod_launcher
+    if hvd_launcher == "auto":
+        hvd_launcher = "env" if net_mode == "netns" else "horovodrun"
+    if net_mode == "netns" and hvd_launcher == "horovodrun":
+        print("NOTE: horovodrun cannot start ranks inside network namespaces; using its environment (env)")
+        hvd_launcher = "env"
+    meta = {"network": {"mode": net_mode, "rate": args.rate if net_mode == "netns" else None, "note": net_note},
+            "horovod": {"available": hvd_ok, "reason": hvd_why, "launcher": hvd_launcher if hvd_ok else None},
+            "worlds": args.worlds, "workloads": {k: dict(WORKLOADS[k], compute_s=args.compute[k]) for k in args.workloads},
+            "stragglers": {m: StragglerSpec.default(m).describe() for m in args.stragglers},
+            "steps": args.steps_by, "seed": args.seed, "quick": args.quick, "host_cpus": os.cpu_count(),
+            "emulation": ("compute is emulated: each rank waits out its per-step compute time (the workload's "
+                          "compute_s scaled by its sample count, plus straggler delays) and then runs the real "
+                          "forward/backward, as if every rank had its own machine")}
+    print(f"CodedReduce benchmark: W={args.worlds}, workloads={args.workloads}, stragglers={args.stragglers}, "
+          f"network={net_mode}{' ' + args.rate if net_mode == 'netns' else ''}, "
+          f"Horovod={'yes (' + hvd_launcher + ')' if hvd_ok else 'no'}", flush=True)
+    for world in args.worlds:
+        cells, hvd_cells = plan_cells(world, args.workloads, args.stragglers, args.schemes, args.steps_by)
+        if not hvd_ok:
+            hvd_cells = []
+        run_world(world, cells, hvd_cells, args, data, raw / f"W{world}", net_mode, hvd_launcher)
+    results = report.analyse(raw, meta, ROOT / "runs" / "bench" / "data", with_sim=not args.no_sim)
+    results["meta"]["wall_s"] = time.monotonic() - t_start
+    report.write(results, out, plots=not args.no_plots)
+    print(report.headline(results))
+    print(f"\nwrote {args.out}/results.json, results.md and plots in {time.monotonic() - t_start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

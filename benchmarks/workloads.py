@@ -1,0 +1,223 @@
+"""What every scheme of the benchmark shares: data, models, global batches, straggler models, replay.
+
+Pure functions of the configuration, imported by the harness (planning, replay) and by every worker
+process, so all ranks of all schemes see the same samples, initial weights and straggler delays.
+
+Schemes (``kind``):
+
+* ``coded``   CodedReduce via ``CodedReducer`` (``stragglers=0``: the uncoded tree, redundancy 1);
+* ``gc``      master-worker gradient coding (Tandon et al.): rank 0 is a master that does not compute;
+              ranks 1..W-1 hold fractional-repetition coded data (redundancy s+1) and the master
+              decodes from the first decodable set (at most W-1-s workers). Built from the plan
+              machinery: a flat ``CodedReducePlan(W, W-1, s)`` whose root keeps no data;
+* ``allreduce`` DDP-style: ``torch.distributed.all_reduce`` of the flat gradient (gloo);
+* ``horovod`` Horovod ring all-reduce (``hvd.DistributedOptimizer``) under its own launcher.
+
+Every computing rank processes ``per_rank_batch`` samples per step in every scheme (the busiest
+rank exactly, the others up to rounding); the *global* batch is ``W x per_rank_batch`` for the
+all-reduce schemes and ``capacity x per_rank_batch`` (= computing ranks / R) for the coded ones.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lightning_codedreduce.plan import CodedReducePlan
+from lightning_codedreduce.sim import STRAGGLER_MODELS, MasterWorkerPlan, StragglerSpec, Stragglers  # noqa: F401
+
+# ---------------------------------------------------------------------------- workloads
+WORKLOADS = {
+    # the paper's: logistic regression, 5000 features (6552 samples as in the paper's EC2 runs)
+    "logreg": dict(features=5000, samples=6552, classes=1, per_rank_batch=64, lr=0.25, compute_s=0.05,
+                   target_loss=0.35),
+    # a small NN: 3-layer MLP, ~265k parameters (about 1 MB of float32 gradient per message)
+    "mlp": dict(features=256, samples=8192, classes=10, hidden=(512, 256), per_rank_batch=32, lr=0.5,
+                compute_s=0.06, target_loss=2.0),
+}
+
+
+def data_paths(data_dir: Path, name: str) -> tuple[Path, Path]:
+    return data_dir / f"{name}_x.npy", data_dir / f"{name}_y.npy"
+
+
+def make_data(name: str, data_dir: Path, seed: int = 0) -> tuple[Path, Path]:
+    """Write the workload's synthetic data set once (workers memory-map it)."""
+    spec = WORKLOADS[name]
+    xp, yp = data_paths(data_dir, name)
+    if xp.exists() and yp.exists():
+        return xp, yp
+    data_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    n, d = spec["samples"], spec["features"]
+    x = rng.standard_normal((n, d), dtype=np.float32)
+    if name == "logreg":
+        w = rng.standard_normal(d).astype(np.float32) / math.sqrt(d)
+        logits = 3.0 * (x @ w)
+        y = (rng.random(n) < 1 / (1 + np.exp(-logits))).astype(np.float32)
+    else:
+        w1 = rng.standard_normal((d, 64)).astype(np.float32) / math.sqrt(d)
+        w2 = rng.standard_normal((64, spec["classes"])).astype(np.float32) / 4.0
+        logits = np.tanh(x @ w1) @ w2 * 4.0 + 0.5 * rng.standard_normal((n, spec["classes"])).astype(np.float32)
+        y = logits.argmax(1).astype(np.int64)
+    tmp_x, tmp_y = xp.with_suffix(".tmp.npy"), yp.with_suffix(".tmp.npy")
+    np.save(tmp_x, x)
+    np.save(tmp_y, y)
+    tmp_x.rename(xp)
+    tmp_y.rename(yp)
+    return xp, yp
+
+
+def build_model(name: str):
+    """The workload's model with seeded (identical everywhere) initial weights."""
+    import torch
+    from torch import nn
+
+    spec = WORKLOADS[name]
+    torch.manual_seed(1234)
+    if name == "logreg":
+        model = nn.Linear(spec["features"], 1)
+        nn.init.zeros_(model.weight)
+        nn.init.zeros_(model.bias)
+        return model
+    h1, h2 = spec["hidden"]
+    return nn.Sequential(nn.Linear(spec["features"], h1), nn.ReLU(), nn.Linear(h1, h2), nn.ReLU(),
+                         nn.Linear(h2, spec["classes"]))
+
+
+def per_sample_loss(name: str, model, x, y):
+    import torch.nn.functional as F
+
+    out = model(x)
+    if name == "logreg":
+        return F.binary_cross_entropy_with_logits(out.squeeze(1), y, reduction="none")
+    return F.cross_entropy(out, y, reduction="none")
+
+
+def message_floats(name: str) -> int:
+    return sum(p.numel() for p in build_model(name).parameters())
+
+
+# ---------------------------------------------------------------------------- schemes
+@dataclass(frozen=True)
+class Scheme:
+    name: str
+    kind: str  # coded | gc | allreduce | horovod
+    branching: int = 0
+    stragglers: int = 0
+
+    @property
+    def label(self) -> str:
+        if self.kind == "coded":
+            return f"CodedReduce n={self.branching} s={self.stragglers}" if self.stragglers else \
+                f"uncoded tree n={self.branching} (s=0)"
+        return {"gc": f"GC master-worker s={self.stragglers}", "allreduce": "DDP all_reduce (gloo)",
+                "horovod": "Horovod RAR (gloo)"}[self.kind]
+
+
+def default_schemes(world: int) -> list[Scheme]:
+    flat = world - 1
+    out = [Scheme("cr_n3_s1", "coded", 3, 1)]
+    if flat != 3:
+        out.append(Scheme(f"cr_flat_n{flat}_s1", "coded", flat, 1))
+    out += [Scheme("tree_n3_s0", "coded", 3, 0), Scheme("ddp", "allreduce"), Scheme("gc_s1", "gc", flat, 1),
+            Scheme("horovod", "horovod")]
+    return out
+
+
+def scheme_plan(scheme: Scheme, world: int):
+    if scheme.kind == "coded":
+        return CodedReducePlan(world, scheme.branching, scheme.stragglers)
+    if scheme.kind == "gc":
+        return MasterWorkerPlan(world, scheme.stragglers)
+    return None
+
+
+@dataclass
+class Layout:
+    """One scheme's data layout: global batch, and per rank the positions and weights it processes."""
+
+    global_batch: int
+    redundancy: float
+    positions: list[list[int]]
+    weights: list[list[float]]
+    computing: list[int]  # ranks that compute
+
+    def samples(self, rank: int) -> int:
+        return len(self.positions[rank])
+
+
+def layout(scheme: Scheme, world: int, per_rank_batch: int) -> Layout:
+    plan = scheme_plan(scheme, world)
+    if plan is None:
+        b = per_rank_batch
+        pos = [list(range(r * b, (r + 1) * b)) for r in range(world)]
+        return Layout(world * b, 1.0, pos, [[1.0] * b for _ in range(world)], list(range(world)))
+    B = plan.global_batch_for(per_rank_batch)
+    pos, wts = [], []
+    for r in range(world):
+        shards = plan.shards(r, B)
+        pos.append([p for sh in shards for p in range(sh.start, sh.stop)])
+        wts.append([sh.weight for sh in shards for _ in range(len(sh))])
+    return Layout(B, plan.redundancy, pos, wts, [r for r in range(world) if pos[r]])
+
+
+def global_batch(n: int, B: int, seed: int, step: int, _cache: dict = {}) -> np.ndarray:  # noqa: B006
+    """Dataset indices of global batch ``step``: the convention of ``CodedReduceBatchSampler``
+    (shuffle with ``seed + epoch``, ``ceil(n/B)`` steps per epoch, the last batch wraps around)."""
+    import torch
+
+    per_epoch = math.ceil(n / B)
+    epoch, j = divmod(step, per_epoch)
+    key = (n, seed, epoch)
+    if key not in _cache:
+        if len(_cache) > 8:
+            _cache.clear()
+        g = torch.Generator()
+        g.manual_seed(seed + epoch)
+        _cache[key] = torch.randperm(n, generator=g).numpy()
+    order = _cache[key]
+    return order[(j * B + np.arange(B)) % n]
+
+
+# ---------------------------------------------------------------------------- replay
+def replay_losses(name: str, data_dir: Path, B: int, steps: int, seed: int = 0, eval_n: int = 2048,
+                  target: float | None = None, max_steps: int | None = None) -> dict:
+    """Loss after every step of exact minibatch SGD with global batch ``B`` (what every scheme
+    computes, up to float32 rounding), on a fixed evaluation subset. Stops after ``steps`` or, with
+    ``target``, once the target is reached (up to ``max_steps``)."""
+    import torch
+
+    spec = WORKLOADS[name]
+    xp, yp = data_paths(data_dir, name)
+    X = torch.from_numpy(np.load(xp))
+    Y = torch.from_numpy(np.load(yp))
+    n = X.shape[0]
+    g = torch.Generator().manual_seed(99)
+    ev = torch.randperm(n, generator=g)[: min(eval_n, n)]
+    Xe, Ye = X[ev], Y[ev]
+    model = build_model(name)
+    opt = torch.optim.SGD(model.parameters(), lr=spec["lr"])
+    with torch.no_grad():
+        losses = [float(per_sample_loss(name, model, Xe, Ye).mean())]
+    limit = max(steps, max_steps or steps)
+    reached = None
+    checksum = None
+    k = 0
+    while k < limit:
+        idx = torch.from_numpy(global_batch(n, B, seed, k))
+        opt.zero_grad()
+        per_sample_loss(name, model, X[idx], Y[idx]).sum().div(B).backward()
+        opt.step()
+        k += 1
+        with torch.no_grad():
+            losses.append(float(per_sample_loss(name, model, Xe, Ye).mean()))
+        if k == steps:
+            checksum = sum(float(p.detach().double().sum()) for p in model.parameters())
+        if target is not None and reached is None and losses[-1] <= target:
+            reached = k
+        if k >= steps and (target is None or reached is not None):
+            break
+    return {"losses": losses, "steps_to_target": reached, "checksum": checksum}
