@@ -7,7 +7,6 @@ its weighted gradient to the CodedReducer and applies the exact global mean. A r
 behind applies the results it missed without computing them.
 """
 import argparse
-import os
 import time
 
 import torch

@@ -8,21 +8,13 @@ shard order; ``sample_weights`` holds the matching code weights.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Sampler
 
 from .plan import CodedReducePlan, Shard
-
-
-def _int(name: str, value: object, low: int, hint: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer, got {value!r}; {hint}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}; {hint}")
-    return int(value)
+from .plan.plan import check_int
 
 
 class CodedReduceBatchSampler(Sampler[list[int]]):
@@ -35,11 +27,11 @@ class CodedReduceBatchSampler(Sampler[list[int]]):
 
     def __init__(self, dataset_len: int, plan: CodedReducePlan, rank: int, global_batch_size: int, *,
                  seed: int = 0, shuffle: bool = True, drop_last: bool = False) -> None:
-        self.dataset_len = _int("dataset_len", dataset_len, 1, "the dataset is empty; pass len(dataset) of a non-empty dataset")
-        self.rank = _int("rank", rank, 0, "use this process's global rank")
+        self.dataset_len = check_int("dataset_len", dataset_len, 1, "the dataset is empty; pass len(dataset) of a non-empty dataset")
+        self.rank = check_int("rank", rank, 0, "use this process's global rank")
         if self.rank >= plan.world_size:
             raise ValueError(f"rank must be < world_size={plan.world_size}, got {rank}; use this process's global rank")
-        self.global_batch_size = _int("global_batch_size", global_batch_size, 1, "pass the number of samples per step")
+        self.global_batch_size = check_int("global_batch_size", global_batch_size, 1, "pass the number of samples per step")
         low = plan.min_global_batch_size
         if self.global_batch_size < low:
             raise ValueError(
@@ -49,7 +41,7 @@ class CodedReduceBatchSampler(Sampler[list[int]]):
             raise ValueError(
                 f"dataset_len={dataset_len} is smaller than global_batch_size={global_batch_size}, so drop_last=True "
                 f"leaves no step; use a global batch <= {dataset_len} (and >= {low}) or drop_last=False")
-        self.seed = _int("seed", seed, 0, "use any non-negative integer, the same on every rank")
+        self.seed = check_int("seed", seed, 0, "use any non-negative integer, the same on every rank")
         self.plan, self.shuffle, self.drop_last = plan, bool(shuffle), bool(drop_last)
         self.shards: list[Shard] = plan.shards(self.rank, self.global_batch_size)
         self._positions = [p for sh in self.shards for p in range(sh.start, sh.stop)]
@@ -73,7 +65,7 @@ class CodedReduceBatchSampler(Sampler[list[int]]):
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch's permutation; restarts at step 0 unless a loaded state is for this epoch."""
-        epoch = _int("epoch", epoch, 0, "pass the current epoch number")
+        epoch = check_int("epoch", epoch, 0, "pass the current epoch number")
         if self._resume is not None and epoch == self.epoch:
             return
         self.epoch, self._step, self._resume = epoch, 0, None
@@ -91,7 +83,7 @@ class CodedReduceBatchSampler(Sampler[list[int]]):
 
     def global_batch(self, step: int) -> list[int]:
         """Dataset indices of the whole global batch at ``step`` of the current epoch."""
-        step = _int("step", step, 0, "pass a step of the current epoch")
+        step = check_int("step", step, 0, "pass a step of the current epoch")
         if step >= len(self):
             raise ValueError(f"step must be < {len(self)} (steps per epoch), got {step}")
         order, b = self._order(), self.global_batch_size
@@ -111,5 +103,5 @@ class CodedReduceBatchSampler(Sampler[list[int]]):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Resume at ``state["step"]`` of ``state["epoch"]`` on the next iteration."""
-        self.epoch = _int("epoch", state["epoch"], 0, "pass a state from state_dict()")
-        self._step = self._resume = _int("step", state["step"], 0, "pass a state from state_dict()")
+        self.epoch = check_int("epoch", state["epoch"], 0, "pass a state from state_dict()")
+        self._step = self._resume = check_int("step", state["step"], 0, "pass a state from state_dict()")

@@ -37,7 +37,8 @@ class Shard:
 Segments = list[Shard]
 
 
-def _check_int(name: str, value: object, low: int, hint: str) -> int:
+def check_int(name: str, value: object, low: int, hint: str) -> int:
+    """``value`` as an int >= ``low``, or a ``ValueError`` that says how to fix it (``hint``)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__}); {hint}")
     if value < low:
@@ -85,10 +86,10 @@ class CodedReducePlan:
     """
 
     def __init__(self, world_size: int, branching: int = 3, stragglers: int = 1, code: str = "auto", seed: int = 0):
-        self.world_size = _check_int("world_size", world_size, 1, "use the number of training processes")
-        self.branching = _check_int("branching", branching, 2, "each parent needs at least 2 children, e.g. branching=3")
-        self.stragglers = _check_int("stragglers", stragglers, 0, "use 0 for an uncoded tree, 1 to tolerate one straggler per parent")
-        self.seed = _check_int("seed", seed, 0, "use any non-negative integer, the same on every rank")
+        self.world_size = check_int("world_size", world_size, 1, "use the number of training processes")
+        self.branching = check_int("branching", branching, 2, "each parent needs at least 2 children, e.g. branching=3")
+        self.stragglers = check_int("stragglers", stragglers, 0, "use 0 for an uncoded tree, 1 to tolerate one straggler per parent")
+        self.seed = check_int("seed", seed, 0, "use any non-negative integer, the same on every rank")
         if self.stragglers >= self.branching:
             raise ValueError(
                 f"stragglers={stragglers} must be smaller than branching={branching} (a parent cannot wait "
@@ -161,7 +162,7 @@ class CodedReducePlan:
 
     def global_batch_for(self, per_rank_batch: int) -> int:
         """Global batch that gives the busiest rank about ``per_rank_batch`` samples per step."""
-        per_rank_batch = _check_int("per_rank_batch", per_rank_batch, 1, "use the DataLoader's batch_size")
+        per_rank_batch = check_int("per_rank_batch", per_rank_batch, 1, "use the DataLoader's batch_size")
         return max(self.min_global_batch_size, int(per_rank_batch / self.loads.max() + 1e-9))
 
     @cached_property
@@ -175,7 +176,7 @@ class CodedReducePlan:
     # ---------------------------------------------------------------- allocation
     def shards(self, rank: int, global_batch_size: int) -> list[Shard]:
         """Positions of one step's global batch that ``rank`` processes, with their weights."""
-        global_batch_size = _check_int("global_batch_size", global_batch_size, 1, "pass the number of samples per step")
+        global_batch_size = check_int("global_batch_size", global_batch_size, 1, "pass the number of samples per step")
         local = self._allocate(global_batch_size)[rank]
         if sum(map(len, local)) == 0:
             raise ValueError(
