@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo bench bench-quick horovod clean
 
 venv: $(STAMP)
 
@@ -22,8 +22,25 @@ test: venv
 demo: venv
 	$(BIN)/python examples/demo.py
 
-bench: venv
-	$(BIN)/python benchmarks/engine_overhead.py
+# Benchmarks (benchmarks/README.md): every scheme side by side on an emulated network (one network
+# namespace per rank, tbf rate limit; loopback where namespaces are not permitted), plus the simulator.
+bench: venv horovod
+	$(BIN)/python benchmarks/harness.py
+
+bench-quick: venv
+	$(BIN)/python benchmarks/harness.py --quick
+
+# Horovod 0.28.1 built against the project's torch (C++17-patched sdist, gloo, CPU); the wheel is
+# cached outside the clone (~/.cache/lightning_codedreduce/wheels), so only the first build is slow.
+HOROVOD_STAMP := $(VENV)/.horovod
+horovod: $(HOROVOD_STAMP)
+
+$(HOROVOD_STAMP): $(STAMP) benchmarks/horovod/build_wheel.sh
+	$(BIN)/pip install -q --disable-pip-version-check cloudpickle==3.1.3 psutil==7.2.2 pyyaml packaging
+	wheel=$$(bash benchmarks/horovod/build_wheel.sh $(BIN)/python) && \
+	  $(BIN)/pip install -q --disable-pip-version-check --no-deps --force-reinstall "$$wheel"
+	$(BIN)/python -c "import horovod.torch"
+	touch $@
 
 clean:
 	rm -rf $(VENV) .pytest_cache lightning_logs

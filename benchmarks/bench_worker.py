@@ -2,9 +2,11 @@
 
     python benchmarks/bench_worker.py --config CONFIG.json     (started by benchmarks/harness.py)
 
-torch.distributed launch (RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, gloo) for CodedReduce, the
-uncoded tree, GC and DDP; a Horovod launch (``horovodrun --gloo``, or the same environment set by
-the harness inside network namespaces, where rank 0 hosts Horovod's rendezvous server) for Horovod.
+One launch runs every scheme in the same processes, cell after cell (so ratios come from one run):
+torch.distributed (RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, gloo) for CodedReduce, the uncoded
+tree, GC and DDP, and, when Horovod cells are planned, Horovod as well (``horovodrun --gloo`` started
+the processes, or the harness set the same environment inside network namespaces, where rank 0
+hosts Horovod's rendezvous server).
 
 Per step a computing rank: waits out its emulated compute time (the workload's per-step compute on
 a dedicated machine, scaled by its sample count, plus straggler delays), then runs the real forward
@@ -42,6 +44,8 @@ def sleep_until(t: float) -> None:
 
 class TorchComm:
     def __init__(self):
+        if "RANK" not in os.environ and "HOROVOD_RANK" in os.environ:  # started by horovodrun
+            os.environ["RANK"], os.environ["WORLD_SIZE"] = os.environ["HOROVOD_RANK"], os.environ["HOROVOD_SIZE"]
         dist.init_process_group("gloo")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
 
@@ -58,6 +62,9 @@ class TorchComm:
 
 
 class HvdComm:
+    """Horovod in the same processes: ``horovodrun --gloo`` started them, or the harness set the same
+    environment (inside network namespaces, where rank 0 then hosts Horovod's rendezvous server)."""
+
     def __init__(self, out_dir: Path):
         if "HOROVOD_GLOO_RENDEZVOUS_PORT" not in os.environ:  # launched by the harness, not horovodrun
             port_file = out_dir / "hvd_rendezvous_port"
@@ -117,7 +124,7 @@ def run_cell(cell: dict, comm, data: dict, cfg: dict, index: int) -> dict:
     coded = scheme.kind in ("coded", "gc")
     reducer = None
     if scheme.kind == "horovod":
-        hvd = comm.hvd
+        hvd = cfg["_hvd"].hvd
         opt = hvd.DistributedOptimizer(opt, named_parameters=[(f"c{index}.{k}", p) for k, p in model.named_parameters()])
     elif coded:
         reducer = CodedReducer(scheme_plan(scheme, world), timeout=cfg["engine_timeout"], tag=TAG + 1 + index)
@@ -143,7 +150,7 @@ def run_cell(cell: dict, comm, data: dict, cfg: dict, index: int) -> dict:
             end, stall = strag.finish(rank, step, start)
             sleep_until(end - (ema or 0.0))
             c0 = time.monotonic()
-            opt.zero_grad(set_to_none=False)
+            opt.zero_grad()
             if pos.size:
                 idx = global_batch(n, B, seed, step)[pos]
                 x = torch.from_numpy(np.ascontiguousarray(X[idx]))
@@ -163,7 +170,7 @@ def run_cell(cell: dict, comm, data: dict, cfg: dict, index: int) -> dict:
                 grads = torch.split(flat, [p.numel() for p in params])
             else:
                 grads = None
-                opt.synchronize()  # Horovod: wait for the allreduces started in backward
+                opt.synchronize()  # Horovod: wait for the allreduces started in backward (averaged)
             rec["t_out"] = time.monotonic()
         if scheme.kind == "horovod":
             with opt.skip_synchronize():
@@ -200,7 +207,10 @@ def main() -> None:
     cfg = json.loads(Path(a.config).read_text())
     out_dir = Path(cfg["out_dir"])
     torch.set_num_threads(1)
-    comm = HvdComm(out_dir) if cfg["launch"] == "horovod" else TorchComm()
+    comm = TorchComm()
+    cfg["_hvd"] = HvdComm(out_dir) if any(c["scheme"]["kind"] == "horovod" for c in cfg["cells"]) else None
+    if cfg["_hvd"] is not None and cfg["_hvd"].rank != comm.rank:
+        raise RuntimeError(f"Horovod rank {cfg['_hvd'].rank} != torch.distributed rank {comm.rank}")
     data = {}
     for name in {c["workload"] for c in cfg["cells"]}:
         data[name] = (np.load(cfg["data"][name][0], mmap_mode="r"), np.load(cfg["data"][name][1], mmap_mode="r"))
@@ -211,9 +221,11 @@ def main() -> None:
         cell_dir.mkdir(parents=True, exist_ok=True)
         (cell_dir / f"rank{comm.rank}.json").write_text(json.dumps(result))
         if comm.rank == 0:
-            print(f"[{cfg['launch']}] cell {index + 1}/{len(cfg['cells'])} {cell['id']}: "
+            print(f"cell {index + 1}/{len(cfg['cells'])} {cell['id']}: "
                   f"{time.monotonic() - t:.1f} s", flush=True)
     comm.barrier()
+    if cfg["_hvd"] is not None:
+        cfg["_hvd"].close()
     comm.close()
 
 

@@ -5,7 +5,7 @@
     python benchmarks/harness.py --worlds 13 --rate 100mbit --workloads mlp --stragglers heavy
 
 Every scheme runs the same workload as a plain PyTorch training loop (``bench_worker.py``), in the
-same processes one after the other (Horovod: its own launch), on an emulated network: one network
+same processes one after the other (Horovod included), on an emulated network: one network
 namespace per rank, a bridge, ``tbf`` at ``--rate`` per host and direction (benchmarks/netns.py),
 created and always torn down here. Where namespaces are not permitted the harness says so, runs on
 loopback and marks every result ``network: loopback``.
@@ -49,19 +49,20 @@ def horovod_status(python: str) -> tuple[bool, str]:
 
 
 def plan_cells(world: int, workloads: list[str], stragglers: list[str], schemes: list[str] | None,
-               steps: dict[str, int]) -> tuple[list[dict], list[dict]]:
-    """(torch.distributed cells, Horovod cells), grouped so each straggler model's schemes run back to back."""
-    main, hvd = [], []
+               steps: dict[str, int], horovod: bool) -> list[dict]:
+    """Cells in run order: for each workload and straggler model, every scheme back to back."""
+    cells = []
     for name in workloads:
         for model in stragglers:
             spec = StragglerSpec.default(model)
             for sc in default_schemes(world):
                 if schemes and sc.name not in schemes and sc.kind not in schemes:
                     continue
-                cell = {"id": f"W{world}-{name}-{model}-{sc.name}", "world": world, "workload": name,
-                        "straggler": spec.__dict__, "scheme": sc.__dict__, "steps": steps[name]}
-                (hvd if sc.kind == "horovod" else main).append(cell)
-    return main, hvd
+                if sc.kind == "horovod" and not horovod:
+                    continue
+                cells.append({"id": f"W{world}-{name}-{model}-{sc.name}", "world": world, "workload": name,
+                              "straggler": spec.__dict__, "scheme": sc.__dict__, "steps": steps[name]})
+    return cells
 
 
 class Launch:
@@ -119,54 +120,54 @@ class Launch:
             log.close()
 
 
-def run_world(world: int, cells: list[dict], hvd_cells: list[dict], args, data: dict, out_dir: Path,
-              net_mode: str, hvd_launcher: str) -> None:
-    """Run one world size's cells on a fresh emulated network (or loopback)."""
+def run_world(world: int, cells: list[dict], args, data: dict, out_dir: Path, net_mode: str,
+              hvd_launcher: str) -> None:
+    """Run one world size's cells in one launch on a fresh emulated network (or loopback)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    base_cfg = {"out_dir": str(out_dir), "seed": args.seed, "data": data, "engine_timeout": 60.0,
-                "compute_s": {k: args.compute[k] for k in data}}
+    hvd = any(c["scheme"]["kind"] == "horovod" for c in cells)
+    cfg = {"out_dir": str(out_dir), "seed": args.seed, "data": data, "engine_timeout": 60.0,
+           "compute_s": {k: args.compute[k] for k in data}, "cells": cells}
+    cfg_path = out_dir / "config.json"
+    cfg_path.write_text(json.dumps(cfg, indent=1))
+    (out_dir / "hvd_rendezvous_port").unlink(missing_ok=True)
     net = netns.EmulatedNetwork(world, rate=args.rate) if net_mode == "netns" else None
     py = args.python
+    launch = Launch(out_dir, f"W={world}")
     try:
         if net is not None:
             net.__enter__()
-        common = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        common.pop("HOROVOD_GLOO_RENDEZVOUS_PORT", None)
-        for label, todo in (("torch", cells), ("horovod", hvd_cells)):
-            if not todo:
-                continue
-            cfg = dict(base_cfg, launch=label, cells=todo)
-            cfg_path = out_dir / f"config_{label}.json"
-            cfg_path.write_text(json.dumps(cfg, indent=1))
-            (out_dir / "hvd_rendezvous_port").unlink(missing_ok=True)
-            launch = Launch(out_dir, f"W={world} {label}")
-            t = time.monotonic()
-            print(f"  W={world}: {len(todo)} {label} cells ({'namespaces, ' + args.rate if net else 'loopback'})",
-                  flush=True)
-            if label == "horovod" and net is None and hvd_launcher == "horovodrun":
-                hvdrun = str(Path(py).parent / "horovodrun")
-                launch.start([hvdrun, "-np", str(world), "-H", f"localhost:{world}", "--gloo",
-                              py, str(WORKER), "--config", str(cfg_path)], common, "horovod.log")
-            else:
-                port = MASTER_PORT if net else report.free_port()  # fresh namespaces: no port in use there
-                for r in range(world):
-                    env = dict(common, WORLD_SIZE=str(world), RANK=str(r), LOCAL_RANK=str(r),
-                               MASTER_ADDR=net.address(0) if net else "127.0.0.1",
-                               MASTER_PORT=str(port),
-                               GLOO_SOCKET_IFNAME=net.iface if net else "lo")
-                    if label == "horovod":
-                        env.update(HOROVOD_HOSTNAME=f"h{r}", HOROVOD_RANK=str(r), HOROVOD_SIZE=str(world),
-                                   HOROVOD_LOCAL_RANK="0", HOROVOD_LOCAL_SIZE="1", HOROVOD_CROSS_RANK=str(r),
-                                   HOROVOD_CROSS_SIZE=str(world), HOROVOD_CONTROLLER="gloo",
-                                   HOROVOD_CPU_OPERATIONS="gloo",
-                                   HOROVOD_GLOO_RENDEZVOUS_ADDR=net.address(0) if net else "127.0.0.1",
-                                   HOROVOD_GLOO_IFACE=net.iface if net else "lo")
-                    cmd = (net.exec_prefix(r) if net else []) + [py, str(WORKER), "--config", str(cfg_path)]
-                    launch.start(cmd, env, f"{label}_rank{r}.log")
-            budget = 120 + sum(report.cell_budget(c, args.compute) for c in todo)
-            launch.wait(budget)
-            print(f"  W={world}: {label} done in {time.monotonic() - t:.0f} s", flush=True)
+        port = MASTER_PORT if net else report.free_port()  # fresh namespaces: nothing else listens there
+        common = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+                      WORLD_SIZE=str(world), MASTER_ADDR=net.address(0) if net else "127.0.0.1",
+                      MASTER_PORT=str(port), GLOO_SOCKET_IFNAME=net.iface if net else "lo")
+        for k in ("HOROVOD_GLOO_RENDEZVOUS_PORT", "RANK", "LOCAL_RANK"):
+            common.pop(k, None)
+        # Horovod's background thread negotiates every cycle; its 1 ms default costs ~18% of a core per
+        # idle rank, which starves 13 ranks on this 2-core host. 20 ms gave Horovod its best step times
+        # here (W=13: 163/206 ms logreg/mlp against 204/368 ms at 5 ms); see benchmarks/README.md.
+        common["HOROVOD_CYCLE_TIME"] = str(args.horovod_cycle_ms)
+        t = time.monotonic()
+        print(f"  W={world}: {len(cells)} cells ({'namespaces, ' + args.rate if net else 'loopback'}"
+              f"{', Horovod via ' + hvd_launcher if hvd else ''})", flush=True)
+        if hvd and net is None and hvd_launcher == "horovodrun":
+            hvdrun = str(Path(py).parent / "horovodrun")
+            launch.start([hvdrun, "-np", str(world), "-H", f"localhost:{world}", "--gloo",
+                          py, str(WORKER), "--config", str(cfg_path)], common, "horovodrun.log")
+        else:
+            for r in range(world):
+                env = dict(common, RANK=str(r), LOCAL_RANK=str(r))
+                if hvd:  # what horovodrun would set; one "host" per rank
+                    env.update(HOROVOD_HOSTNAME=f"h{r}", HOROVOD_RANK=str(r), HOROVOD_SIZE=str(world),
+                               HOROVOD_LOCAL_RANK="0", HOROVOD_LOCAL_SIZE="1", HOROVOD_CROSS_RANK=str(r),
+                               HOROVOD_CROSS_SIZE=str(world), HOROVOD_CONTROLLER="gloo", HOROVOD_CPU_OPERATIONS="gloo",
+                               HOROVOD_GLOO_RENDEZVOUS_ADDR=net.address(0) if net else "127.0.0.1",
+                               HOROVOD_GLOO_IFACE=net.iface if net else "lo")
+                cmd = (net.exec_prefix(r) if net else []) + [py, str(WORKER), "--config", str(cfg_path)]
+                launch.start(cmd, env, f"rank{r}.log")
+        launch.wait(120 + sum(report.cell_budget(c, args.compute) for c in cells))
+        print(f"  W={world}: done in {time.monotonic() - t:.0f} s", flush=True)
     finally:
+        launch.kill()
         if net is not None:
             net.teardown()
 
@@ -184,6 +185,8 @@ def parse_args(argv=None):
     p.add_argument("--horovod", choices=["auto", "off"], default="auto", help="off: skip the Horovod baseline")
     p.add_argument("--horovod-launcher", choices=["auto", "horovodrun", "env"], default="auto",
                    help="loopback: horovodrun --gloo; namespaces: the same environment set per rank (env)")
+    p.add_argument("--horovod-cycle-ms", type=float, default=20.0,
+                   help="HOROVOD_CYCLE_TIME (the 1 ms default busy-polls; see benchmarks/README.md)")
     p.add_argument("--compute-logreg", type=float, default=WORKLOADS["logreg"]["compute_s"],
                    help="emulated compute seconds per step of a rank's batch (logreg)")
     p.add_argument("--compute-mlp", type=float, default=WORKLOADS["mlp"]["compute_s"])
@@ -237,7 +240,8 @@ def main(argv=None) -> int:
         print("NOTE: horovodrun cannot start ranks inside network namespaces; using its environment (env)")
         hvd_launcher = "env"
     meta = {"network": {"mode": net_mode, "rate": args.rate if net_mode == "netns" else None, "note": net_note},
-            "horovod": {"available": hvd_ok, "reason": hvd_why, "launcher": hvd_launcher if hvd_ok else None},
+            "horovod": {"available": hvd_ok, "reason": hvd_why, "launcher": hvd_launcher if hvd_ok else None,
+                        "cycle_time_ms": args.horovod_cycle_ms},
             "worlds": args.worlds, "workloads": {k: dict(WORKLOADS[k], compute_s=args.compute[k]) for k in args.workloads},
             "stragglers": {m: StragglerSpec.default(m).describe() for m in args.stragglers},
             "steps": args.steps_by, "seed": args.seed, "quick": args.quick, "host_cpus": os.cpu_count(),
@@ -248,10 +252,8 @@ def main(argv=None) -> int:
           f"network={net_mode}{' ' + args.rate if net_mode == 'netns' else ''}, "
           f"Horovod={'yes (' + hvd_launcher + ')' if hvd_ok else 'no'}", flush=True)
     for world in args.worlds:
-        cells, hvd_cells = plan_cells(world, args.workloads, args.stragglers, args.schemes, args.steps_by)
-        if not hvd_ok:
-            hvd_cells = []
-        run_world(world, cells, hvd_cells, args, data, raw / f"W{world}", net_mode, hvd_launcher)
+        cells = plan_cells(world, args.workloads, args.stragglers, args.schemes, args.steps_by, hvd_ok)
+        run_world(world, cells, args, data, raw / f"W{world}", net_mode, hvd_launcher)
     results = report.analyse(raw, meta, ROOT / "runs" / "bench" / "data", with_sim=not args.no_sim)
     results["meta"]["wall_s"] = time.monotonic() - t_start
     report.write(results, out, plots=not args.no_plots)

@@ -23,12 +23,15 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import threading
+from pathlib import Path
 
 NET = ipaddress.ip_network("198.18.0.0/15")
 PREFIX_BASE = "crbench"
 IFACE = "eth0"
+NETNS_ETC = Path("/etc/netns")  # ip netns exec bind-mounts per-namespace files from here
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -74,6 +77,7 @@ def remove_stale() -> list[str]:
         m = re.fullmatch(rf"{PREFIX_BASE}(\d+)[a-z]?-(sw|h\d+)", name)
         if m and not os.path.exists(f"/proc/{m.group(1)}"):
             _ip("netns", "del", name, check=False)
+            shutil.rmtree(NETNS_ETC / name, ignore_errors=True)
             removed.append(name)
     return removed
 
@@ -92,6 +96,7 @@ class EmulatedNetwork:
         self.names = [f"{self.prefix}-h{i}" for i in range(hosts)]
         self.iface = IFACE
         self._created: list[str] = []
+        self._etc_dirs: list[Path] = []
         self._lock = threading.RLock()  # the signal handler may tear down while setup holds it
         self._old_handlers: dict[int, object] = {}
 
@@ -138,6 +143,16 @@ class EmulatedNetwork:
                 _ip("-n", ns, "link", "set", IFACE, "up")
                 self._tbf(ns, IFACE)  # upload
                 self._tbf(self.switch, f"v{i}")  # download
+                self._hosts_file(i, ns)
+
+    def _hosts_file(self, i: int, ns: str) -> None:
+        """``ip netns exec`` mounts /etc/netns/<ns>/hosts over /etc/hosts: inside host i the machine's
+        hostname resolves to host i's own address. gloo devices created without an interface (Horovod
+        0.28 does that for its process-set contexts) then bind to the namespace's link, not loopback."""
+        d = NETNS_ETC / ns
+        d.mkdir(parents=True, exist_ok=True)
+        self._etc_dirs.append(d)
+        (d / "hosts").write_text(f"127.0.0.1 localhost\n{host_address(i)} {socket.gethostname()} h{i}\n")
 
     def _add_ns(self, name: str) -> None:
         try:
@@ -152,6 +167,13 @@ class EmulatedNetwork:
             for name in reversed(self._created):
                 _ip("netns", "del", name, check=False)
             self._created.clear()
+            for d in self._etc_dirs:
+                shutil.rmtree(d, ignore_errors=True)
+            self._etc_dirs.clear()
+            try:
+                NETNS_ETC.rmdir()  # only if empty (ours were the only ones)
+            except OSError:
+                pass
         self._restore_handlers()
 
     # ------------------------------------------------------------------ signals

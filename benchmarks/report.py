@@ -114,7 +114,7 @@ def cell_metrics(ranks: list[dict], cfg: dict) -> dict:
 # ---------------------------------------------------------------------------- analysis
 def load_raw(raw: Path) -> list[tuple[dict, list[dict]]]:
     cfgs = {}
-    for cfg_path in sorted(raw.glob("W*/config_*.json")):
+    for cfg_path in sorted(raw.glob("W*/config*.json")):
         for c in json.loads(cfg_path.read_text())["cells"]:
             cfgs[c["id"]] = c
     out = []
@@ -242,55 +242,60 @@ def goals(cells, rat, own) -> list[dict]:
 
 # ---------------------------------------------------------------------------- simulator validation
 def _sim_cell(m: dict, alpha: dict, meta: dict, overhead: float) -> float:
-    wl = meta["workloads"][m["workload"]]
-    rate = m["rate"]
     from benchmarks.netns import parse_rate
 
-    bw = parse_rate(rate) if rate else 20e9
+    wl = meta["workloads"][m["workload"]]
+    bw = parse_rate(m["rate"]) if m["rate"] else 20e9
     scheme = Scheme(**m["scheme_cfg"])
     kind = {"coded": "cr", "gc": "gc", "allreduce": "rar", "horovod": "rar"}[scheme.kind]
-    lat = alpha["tree"] if kind != "rar" else alpha["hvd" if scheme.kind == "horovod" else "ddp"]
-    net = sim.NetworkModel(bw, lat, lat)
-    comp = wl["compute_s"] + overhead
+    net = sim.NetworkModel(bw, alpha["tree"], alpha["ddp"],
+                           ring_fixed_s=alpha["hvd_fixed"] if scheme.kind == "horovod" else 0.0)
     spec = sim.StragglerSpec.default(m["stragglers"])
-    plan = scheme_plan(scheme, m["W"])
-    r = sim.simulate(kind, m["W"], msg_bytes=m["msg_bytes"], compute_s=comp, stragglers=spec, net=net,
-                     steps=m["steps"], warmup=WARMUP, seed=meta["seed"], plan=plan)
+    r = sim.simulate(kind, m["W"], msg_bytes=m["msg_bytes"], compute_s=wl["compute_s"] + overhead, stragglers=spec,
+                     net=net, steps=m["steps"], warmup=WARMUP, seed=meta["seed"], plan=scheme_plan(scheme, m["W"]))
     return r.mean_step
 
 
+def _fit(loss, lo: float, hi: float) -> float:
+    grid = np.geomspace(lo, hi, 36)
+    errs = [loss(a) for a in grid]
+    best = int(np.argmin(errs))
+    a, b = grid[max(0, best - 1)], grid[min(len(grid) - 1, best + 1)]
+    for _ in range(12):  # golden-section refinement
+        a1, a2 = a + 0.382 * (b - a), a + 0.618 * (b - a)
+        if loss(a1) < loss(a2):
+            b = a2
+        else:
+            a = a1
+    return (a + b) / 2
+
+
 def simulate_all(cells: list[dict], meta: dict) -> dict:
-    """Calibrate per-message latencies on the straggler-free cells of the smallest W, then predict
-    every other cell; paper-scale table and sweep with the calibrated network."""
+    """Calibrate on the straggler-free cells of the smallest W (one latency per message for the
+    tree/GC engine, one per ring step for gloo's all_reduce, one fixed per-all-reduce overhead for
+    Horovod on top of the gloo ring), then predict every other cell; paper-scale table and sweep."""
+    from benchmarks.netns import parse_rate
+
     wmin = min(m["W"] for m in cells)
     calib = [m for m in cells if m["W"] == wmin and m["stragglers"] == "none"]
     overhead = {}
     for m in cells:  # local per-step cost outside compute and aggregation, from the calibration cell
         c = next((x for x in calib if x["workload"] == m["workload"] and x["scheme"] == m["scheme"]), None)
         overhead[m["id"]] = ((c or m)["local_overhead_s"] or 0.0) + ((c or m)["loop_gap_s"] or 0.0)
-    alpha = {"tree": 3e-4, "ddp": 3e-4, "hvd": 3e-4}
+    alpha = {"tree": 3e-4, "ddp": 3e-4, "hvd_fixed": 0.0}
     fits = {}
-    for key, kinds in (("tree", ("coded", "gc")), ("ddp", ("allreduce",)), ("hvd", ("horovod",))):
+    for key, kinds, lo, hi in (("tree", ("coded", "gc"), 2e-5, 5e-2), ("ddp", ("allreduce",), 2e-5, 5e-2),
+                               ("hvd_fixed", ("horovod",), 1e-4, 1.0)):
         rows = [m for m in calib if m["kind"] in kinds]
         if not rows:
             continue
-        grid = np.geomspace(2e-5, 5e-2, 36)
 
-        def loss(a):
+        def loss(a, key=key, rows=rows):
             al = dict(alpha, **{key: a})
             return sum(math.log(_sim_cell(m, al, meta, overhead[m["id"]]) / m["step_s"]) ** 2 for m in rows)
 
-        errs = [loss(a) for a in grid]
-        best = int(np.argmin(errs))
-        lo, hi = grid[max(0, best - 1)], grid[min(len(grid) - 1, best + 1)]
-        for _ in range(12):  # golden-section refinement
-            a1, a2 = lo + 0.382 * (hi - lo), lo + 0.618 * (hi - lo)
-            if loss(a1) < loss(a2):
-                hi = a2
-            else:
-                lo = a1
-        alpha[key] = (lo + hi) / 2
-        fits[key] = {"latency_s": alpha[key], "calibration_cells": [m["id"] for m in rows]}
+        alpha[key] = _fit(loss, lo, hi)
+        fits[key] = {"value_s": alpha[key], "calibration_cells": [m["id"] for m in rows]}
     preds = []
     for m in cells:
         p = _sim_cell(m, alpha, meta, overhead[m["id"]])
@@ -299,32 +304,41 @@ def simulate_all(cells: list[dict], meta: dict) -> dict:
                       "error": p / m["step_s"] - 1, "calibration": m in calib})
     summary = {}
     for W in sorted({p["W"] for p in preds}):
-        val = [abs(p["error"]) for p in preds if p["W"] == W and not p["calibration"]]
-        summary[f"W{W}"] = {"mean_abs_error": float(np.mean(val)) if val else None,
-                            "median_abs_error": float(np.median(val)) if val else None,
-                            "max_abs_error": float(np.max(val)) if val else None, "cells": len(val)}
+        for label, sel in (("", lambda p: True), ("_no_horovod", lambda p: p["scheme"] != "horovod")):
+            val = [abs(p["error"]) for p in preds if p["W"] == W and not p["calibration"] and sel(p)]
+            summary[f"W{W}{label}"] = {"mean_abs_error": float(np.mean(val)) if val else None,
+                                       "median_abs_error": float(np.median(val)) if val else None,
+                                       "max_abs_error": float(np.max(val)) if val else None, "cells": len(val)}
     by_scheme = {}
     for name in sorted({p["scheme"] for p in preds}):
         val = [abs(p["error"]) for p in preds if p["scheme"] == name and not p["calibration"]]
         by_scheme[name] = float(np.mean(val)) if val else None
-    bw = sim.NetworkModel().bandwidth_bps
-    from benchmarks.netns import parse_rate
-
-    if meta["network"]["rate"]:
-        bw = parse_rate(meta["network"]["rate"])
-    ring = alpha["hvd"] if "hvd" in fits else alpha["ddp"]
-    net = sim.NetworkModel(bw, alpha["tree"], ring)
+    bw = parse_rate(meta["network"]["rate"]) if meta["network"]["rate"] else sim.NetworkModel().bandwidth_bps
+    here = sim.NetworkModel(bw, alpha["tree"], alpha["ddp"])
     per_sample = meta["workloads"].get("logreg", {"compute_s": 0.05, "per_rank_batch": 64})
     slow_sample = per_sample["compute_s"] / per_sample["per_rank_batch"]
+    # the paper's scale under three network assumptions: this machine's calibrated latencies (gloo
+    # ring for RAR); one datacenter-like latency for every scheme; and the same plus a serialized
+    # per-message CPU cost (a Python/MPI master handles one message at a time)
+    nets = (("calibrated here", here), ("100 us/message, all schemes", sim.NetworkModel(bw, 100e-6, 100e-6)),
+            ("100 us/message + 0.5 ms CPU per message", sim.NetworkModel(bw, 100e-6, 100e-6, msg_cpu_s=5e-4)))
     paper = []
-    for label, sample_s in (("emulated compute", slow_sample), ("fast compute (20 us/sample)", 20e-6)):
-        for row in sim.paper_table(net, sample_s=sample_s):
-            paper.append(dict(row, compute=label, sample_s=sample_s))
+    for nlabel, nm in nets:
+        for label, sample_s in (("emulated compute", slow_sample), ("fast compute (20 us/sample)", 20e-6)):
+            for row in sim.paper_table(nm, sample_s=sample_s):
+                paper.append(dict(row, compute=label, network=nlabel, sample_s=sample_s,
+                                  latency_tree_s=nm.latency_s, latency_ring_s=nm.ring_latency, msg_cpu_s=nm.msg_cpu_s))
+    # sweep: every scheme with the engine's calibrated per-message latency (same software cost per message)
+    fair = sim.NetworkModel(bw, alpha["tree"], alpha["tree"])
     sweep = []
-    for model in ("none", "heavy"):
-        sweep += sim.sweep(net=net, model=model, compute_s=per_sample["compute_s"])
-    return {"network": {"bandwidth_bps": bw, "latency_tree_s": alpha["tree"], "latency_ring_s": ring,
-                        "latency_ddp_s": alpha["ddp"], "latency_hvd_s": alpha.get("hvd")},
+    sizes = sorted({m["msg_bytes"] for m in cells})
+    for size in sizes:
+        for model in ("none", "heavy"):
+            sweep += sim.sweep(net=fair, model=model, compute_s=per_sample["compute_s"], msg_bytes=size,
+                               worlds=(13, 40, 157, 400, 1000, 1885, 4000, 10000) if size == sizes[0] else
+                               (13, 40, 157, 400, 1000, 1885))
+    return {"network": {"bandwidth_bps": bw, "latency_tree_s": alpha["tree"], "latency_ddp_s": alpha["ddp"],
+                        "horovod_fixed_s": alpha["hvd_fixed"] if "hvd_fixed" in fits else None},
             "fits": fits, "predictions": preds, "validation": summary, "validation_by_scheme": by_scheme,
             "paper_table": paper, "sweep": sweep}
 
@@ -390,29 +404,30 @@ def markdown(results: dict) -> str:
     if s:
         lines += ["## Simulator", "",
                   f"Calibrated on the straggler-free cells of the smallest W: per-message latency (tree/GC) "
-                  f"{s['network']['latency_tree_s'] * 1e6:.0f} us, DDP ring step {s['network']['latency_ddp_s'] * 1e6:.0f} us"
-                  + (f", Horovod ring step {s['network']['latency_hvd_s'] * 1e6:.0f} us" if s['network'].get('latency_hvd_s') else "")
+                  f"{s['network']['latency_tree_s'] * 1e6:.0f} us, gloo ring step (DDP) {s['network']['latency_ddp_s'] * 1e6:.0f} us"
+                  + (f", Horovod's fixed cost per all-reduce on top of the ring {s['network']['horovod_fixed_s'] * 1e3:.0f} ms"
+                     if s['network'].get('horovod_fixed_s') is not None else "")
                   + "; every other cell is a prediction.", "",
                   "| W | validation cells | mean abs error | median | max |", "|---|---|---|---|---|"]
         for k, v in s["validation"].items():
             if v["cells"]:
-                lines.append(f"| {k[1:]} | {v['cells']} | {v['mean_abs_error'] * 100:.0f}% | {v['median_abs_error'] * 100:.0f}% | "
+                lines.append(f"| {k[1:].replace('_no_horovod', ' without Horovod')} | {v['cells']} | {v['mean_abs_error'] * 100:.0f}% | {v['median_abs_error'] * 100:.0f}% | "
                              f"{v['max_abs_error'] * 100:.0f}% |")
         lines += ["", "Per scheme (mean abs error): " + ", ".join(
             f"{k} {v * 100:.0f}%" for k, v in s["validation_by_scheme"].items() if v is not None), ""]
         lines += ["### Paper scale (N=156 workers + computing root, n=12, L=2, s=1; 5000 features, 6552 samples, full GD)", "",
-                  "| compute | stragglers | R (CR) | CR | uncoded tree | GC s=1 | RAR | CR vs GC (paper 27.2x) | CR vs RAR (paper 7.0x) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| network | compute | stragglers | R (CR) | CR | uncoded tree | GC s=1 | RAR | CR vs GC (paper 27.2x) | CR vs RAR (paper 7.0x) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in s["paper_table"]:
-            lines.append(f"| {r['compute']} | {r['stragglers']} | {r['R_cr']:.2f} | {_ms(r['cr_s'])} ms | {_ms(r['tree_s0_s'])} ms | "
+            lines.append(f"| {r['network']} | {r['compute']} | {r['stragglers']} | {r['R_cr']:.2f} | {_ms(r['cr_s'])} ms | {_ms(r['tree_s0_s'])} ms | "
                          f"{_ms(r['gc_s'])} ms | {_ms(r['rar_s'])} ms | {r['cr_vs_gc']:.1f}x | {r['cr_vs_rar']:.1f}x |")
-        lines += ["", "### Sweep (fixed per-rank batch, n=12)", "",
-                  "| stragglers | W | CR s=1 (R) | tree s=0 | GC s=1 | RAR | CR vs RAR step | CR vs RAR samples/s |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "### Sweep (fixed per-rank batch, n=12; every scheme pays the engine's calibrated latency per message or ring step)", "",
+                  "| message | stragglers | W | CR s=1 (R) | tree s=0 | GC s=1 | RAR | CR vs RAR step | CR vs RAR samples/s | CR vs GC step |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in s["sweep"]:
-            lines.append(f"| {r['stragglers']} | {r['W']} | {_ms(r['cr_s1'])} ms ({r['R_cr_s1']:.2f}) | {_ms(r['tree_s0'])} ms | "
+            lines.append(f"| {r['msg_bytes'] / 1e3:.0f} KB | {r['stragglers']} | {r['W']} | {_ms(r['cr_s1'])} ms ({r['R_cr_s1']:.2f}) | {_ms(r['tree_s0'])} ms | "
                          f"{_ms(r['gc_s1'])} ms | {_ms(r['rar'])} ms | {r['rar'] / r['cr_s1']:.2f}x | "
-                         f"{r['rar'] / r['cr_s1'] / r['R_cr_s1']:.2f}x |")
+                         f"{r['rar'] / r['cr_s1'] / r['R_cr_s1']:.2f}x | {r['gc_s1'] / r['cr_s1']:.2f}x |")
         lines.append("")
     return "\n".join(lines)
 
@@ -446,11 +461,11 @@ def headline(results: dict) -> str:
     s = results.get("sim")
     if s:
         out.append("simulator validation (mean abs error of predicted step time): " + ", ".join(
-            f"{k}: {v['mean_abs_error'] * 100:.0f}% over {v['cells']} cells" for k, v in s["validation"].items()
-            if v["cells"]))
+            f"{k.replace('_no_horovod', ' w/o Horovod')}: {v['mean_abs_error'] * 100:.0f}% over {v['cells']} cells"
+            for k, v in s["validation"].items() if v["cells"]))
         for r in s["paper_table"]:
             if r["stragglers"] == "paper":
-                out.append(f"paper scale ({r['compute']}): CR vs GC {r['cr_vs_gc']:.1f}x (paper 27.2x), "
+                out.append(f"paper scale ({r['network']}, {r['compute']}): CR vs GC {r['cr_vs_gc']:.1f}x (paper 27.2x), "
                            f"CR vs RAR {r['cr_vs_rar']:.1f}x (paper 7.0x), R={r['R_cr']:.2f}")
     return "\n".join(out)
 
@@ -519,8 +534,9 @@ def make_plots(results: dict, out: Path) -> None:
         fig.savefig(out / "sim_validation.png", dpi=90)
         plt.close(fig)
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        small = min(r["msg_bytes"] for r in s["sweep"])
         for model, ls in (("none", "--"), ("heavy", "-")):
-            rows = [r for r in s["sweep"] if r["stragglers"] == model]
+            rows = [r for r in s["sweep"] if r["stragglers"] == model and r["msg_bytes"] == small]
             Ws = [r["W"] for r in rows]
             for key, color in (("cr_s1", "C0"), ("tree_s0", "C1"), ("gc_s1", "C2"), ("rar", "C3")):
                 axes[0].plot(Ws, [r[key] * 1e3 for r in rows], ls, color=color, label=f"{key} ({model})")
@@ -532,7 +548,7 @@ def make_plots(results: dict, out: Path) -> None:
         axes[0].set_ylabel("step time (ms)")
         axes[1].set_ylabel("global samples/s relative to RAR")
         axes[0].legend(fontsize=7)
-        fig.suptitle("Simulated sweep (n=12, fixed per-rank batch)")
+        fig.suptitle(f"Simulated sweep (n=12, fixed per-rank batch, {small / 1e3:.0f} KB messages)")
         fig.tight_layout()
         fig.savefig(out / "sim_sweep.png", dpi=90)
         plt.close(fig)

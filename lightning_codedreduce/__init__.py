@@ -18,6 +18,10 @@ def __getattr__(name: str):
         from .strategy import CodedReduceStrategy
 
         return CodedReduceStrategy
+    if name == "HorovodRunEnvironment":  # imports lightning_fabric: only when asked for
+        from .environments import horovod_environment_class
+
+        return horovod_environment_class("pytorch_lightning")
     if name in _CALLBACKS:  # imports pytorch_lightning too: only when asked for
         from . import callbacks
 
@@ -26,4 +30,4 @@ def __getattr__(name: str):
 
 
 _CALLBACKS = ("StragglerInjector", "StragglerMonitor", "plot_stragglers")
-__all__ += list(_CALLBACKS)
+__all__ += list(_CALLBACKS) + ["HorovodRunEnvironment"]

@@ -202,6 +202,8 @@ class NetworkModel:
     latency_s: float = 200e-6  # per tree/GC message, one way: wire + software
     ring_latency_s: float | None = None  # per ring step (default: latency_s)
     decode_bytes_per_s: float = 4e9  # summing one received message
+    ring_fixed_s: float = 0.0  # per all-reduce, on top of the ring steps (e.g. Horovod's negotiation)
+    msg_cpu_s: float = 0.0  # CPU per message a host receives or sends, serialized on that host
 
     @property
     def ring_latency(self) -> float:
@@ -245,7 +247,7 @@ def ring_time(world: int, msg_bytes: float, net: NetworkModel) -> float:
     """Ring all-reduce: reduce-scatter and all-gather, 2(W-1) steps of M/W bytes."""
     if world <= 1:
         return 0.0
-    return 2 * (world - 1) * (net.ring_latency + msg_bytes / world * 8 / net.bandwidth_bps)
+    return net.ring_fixed_s + 2 * (world - 1) * (net.ring_latency + msg_bytes / world * 8 / net.bandwidth_bps)
 
 
 # ---------------------------------------------------------------------------- one step on a tree
@@ -324,6 +326,11 @@ def _tree_step(topo: Topology, local: list[float], msg_bytes: float, net: Networ
         rel = [(sent[c] + net.latency_s, c) for c in kids if sent[c] < math.inf]
         fin = _ps_finish(rel, xfer) if rel else {}
         order = sorted(fin, key=fin.get)
+        if net.msg_cpu_s > 0:  # the host handles one message at a time
+            t = -math.inf
+            for c in order:
+                t = max(t, fin[c]) + net.msg_cpu_s
+                fin[c] = t
         idx, used = topo.first_decodable(v, order)
         if idx < 0:
             continue  # cannot decode this step: never sends (its parent treats it as a straggler)
@@ -337,8 +344,8 @@ def _tree_step(topo: Topology, local: list[float], msg_bytes: float, net: Networ
         kids = topo.children[v]
         if kids and result[v] < math.inf:
             t = result[v] + net.latency_s + len(kids) * xfer  # k equal messages share the egress
-            for c in kids:
-                result[c] = t
+            for j, c in enumerate(kids):
+                result[c] = max(t, result[v] + net.latency_s + (j + 1) * net.msg_cpu_s + xfer)
     return result, root_info
 
 
@@ -416,7 +423,7 @@ def simulate(scheme: str, world: int, *, msg_bytes: float, compute_s: float, bra
             g[:] = R
             ends.append(R)
         return SimResult(scheme, world, 0, 0, redundancy, np.array(ends), float(np.mean(list(comp.values()))),
-                         {k: float(np.mean(v)) for k, v in bd.items()} | {"transfer": t_ar}, warmup)
+                         {k: float(np.mean(v)) for k, v in bd.items() if v} | {"transfer": t_ar}, warmup)
     finish_cache: dict[tuple[int, int], float] = {}
 
     def finish(r: int, t: int) -> float:
@@ -485,7 +492,7 @@ def sweep(worlds=(13, 40, 157, 400, 1000, 1885, 4000, 10000), *, msg_bytes: floa
     rows = []
     for W in worlds:
         kw = dict(msg_bytes=msg_bytes, compute_s=compute_s, stragglers=spec, net=net, steps=steps, seed=seed)
-        row = {"W": W, "stragglers": model}
+        row = {"W": W, "stragglers": model, "msg_bytes": msg_bytes}
         for name, scheme, extra in (("cr_s1", "cr", dict(branching=branching, s=1)),
                                     ("tree_s0", "cr", dict(branching=branching, s=0)),
                                     ("gc_s1", "gc", dict(s=1)), ("rar", "rar", {})):

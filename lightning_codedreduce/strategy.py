@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import numbers
 import os
 import sys
@@ -39,7 +40,9 @@ import torch.distributed as dist
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, SequentialSampler
 
-from .engine import CodedReducer
+from .engine import CodedReduceError, CodedReducer
+from .engine.transport import check_transport
+from .environments import horovod_environment_class, is_horovodrun
 from .plan import CodedReducePlan
 from .sampler import CodedReduceBatchSampler
 
@@ -56,6 +59,8 @@ _PER_STEP_HOOKS = frozenset({
 })
 # DDP constructor options that make no sense without a DistributedDataParallel wrapper
 _DDP_ONLY = ("ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapper", "model_averaging_period")
+# gradient dtypes the reduce carries (half precision is reduced in float32)
+_REDUCIBLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _rank_zero_warn(strategy, message: str, category=UserWarning) -> None:
@@ -118,16 +123,19 @@ class _CodedReduceMixin:
     def __init__(self, branching: int = 3, stragglers: int = 1, code: str = "auto",
                  global_batch_size: Optional[int] = None, timeout: float = 30.0,
                  process_group_backend: Optional[str] = None, seed: int = 0, *,
-                 process_group_timeout: Optional[timedelta] = None, **ddp_kwargs: Any) -> None:
+                 process_group_timeout: Optional[timedelta] = None, transport: str = "gloo",
+                 **ddp_kwargs: Any) -> None:
         CodedReducePlan(1, branching, stragglers, code, seed)  # validates the options with a clear error now
+        check_transport(transport)  # "nccl" on a machine without CUDA/NCCL: a clear error now
         if global_batch_size is not None and (isinstance(global_batch_size, bool)
                                               or not isinstance(global_batch_size, numbers.Integral)
                                               or global_batch_size < 1):
             raise ValueError(f"global_batch_size must be a positive integer or None (derive it from the "
                              f"DataLoader's batch_size), got {global_batch_size!r}")
-        if not isinstance(timeout, numbers.Real) or isinstance(timeout, bool) or timeout <= 0:
-            raise ValueError(f"timeout must be positive seconds (how long a silent peer may take before it "
-                             f"counts as dead), got {timeout!r}")
+        if not isinstance(timeout, numbers.Real) or isinstance(timeout, bool) or not math.isfinite(timeout) \
+                or timeout <= 0:
+            raise ValueError(f"timeout must be a finite, positive number of seconds (how long a silent peer may take "
+                             f"before it counts as dead), got {timeout!r}")
         for name in _DDP_ONLY:
             if ddp_kwargs.get(name) is not None:
                 raise ValueError(f"{name} is a DistributedDataParallel option; CodedReduceStrategy never wraps the "
@@ -140,8 +148,14 @@ class _CodedReduceMixin:
                           "the model is not wrapped in DDP", UserWarning, stacklevel=2)
         if process_group_timeout is not None:
             base["timeout"] = process_group_timeout
+        if base.get("cluster_environment") is None and is_horovodrun():
+            # horovodrun sets only HOROVOD_* variables, which Lightning does not read
+            base["cluster_environment"] = horovod_environment_class(self._lightning_namespace)()
         super().__init__(process_group_backend=process_group_backend, **base)
         self.branching, self.stragglers, self.code, self.seed = branching, stragglers, code, seed
+        self.transport = transport
+        self._known_dead: set[int] = set()  # ranks that died (agreed by every survivor): collectives go local
+        self._chunked_plan = False  # set with the training loader: some rank runs training_step per chunk
         self.reduce_timeout = float(timeout)
         self._fixed_global_batch = None if global_batch_size is None else int(global_batch_size)
         self.plan: Optional[CodedReducePlan] = None
@@ -207,20 +221,24 @@ class _CodedReduceMixin:
 
     # ------------------------------------------------------------------ environment / set-up
     def _check_world_size(self) -> None:
-        """Lightning checks devices * num_nodes against torchrun/SLURM/MPI, not against processes started
-        by hand (RANK/WORLD_SIZE/LOCAL_RANK, Lightning's "externally created processes") or against a
-        process group that an earlier fit left initialised: check those here."""
+        """Lightning checks devices * num_nodes against the launcher only when it starts the processes itself:
+        check processes started by torchrun, srun, mpirun, horovodrun or by hand (RANK/WORLD_SIZE/LOCAL_RANK),
+        and a process group that an earlier fit left initialised, here."""
         expected = self.num_nodes * self.num_processes
         launched = None
         if dist.is_available() and dist.is_initialized():
             launched = dist.get_world_size()
         else:
             env = getattr(self, "cluster_environment", None)
-            if env is not None and env.creates_processes_externally and "WORLD_SIZE" in os.environ:
-                try:
-                    launched = int(os.environ["WORLD_SIZE"])
-                except ValueError:
-                    launched = None
+            if env is not None and env.creates_processes_externally:
+                if type(env).__name__ == "LightningEnvironment":  # by hand: WORLD_SIZE, if set
+                    try:
+                        launched = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
+                    except ValueError:
+                        launched = None
+                else:  # the launcher's own check first: its hints name the launcher's options
+                    env.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
+                    launched = env.world_size()
         if launched is not None and launched != expected:
             raise ValueError(
                 f"The launcher started {launched} processes (WORLD_SIZE={launched}) but the Trainer was configured "
@@ -230,6 +248,26 @@ class _CodedReduceMixin:
     def _configure_launcher(self) -> None:
         self._check_world_size()
         super()._configure_launcher()
+
+    def set_world_ranks(self) -> None:
+        self._adopt_horovodrun_layout()
+        super().set_world_ranks()
+
+    def _adopt_horovodrun_layout(self) -> None:
+        """Under horovodrun, Trainer(devices=..., num_nodes=...) left at their defaults take horovodrun's layout."""
+        env = getattr(self, "cluster_environment", None)
+        if env is None or not isinstance(env, horovod_environment_class(self._lightning_namespace)):
+            return
+        if self.num_processes * self.num_nodes != 1 or env.world_size() == 1:
+            return
+        local, nodes = env.local_world_size(), env.num_nodes()
+        device = self.parallel_devices[0] if self.parallel_devices else torch.device("cpu")
+        if device.type == "cuda":
+            self.parallel_devices = [torch.device("cuda", i) for i in range(local)]
+        else:
+            self.parallel_devices = [device] * local
+        self.num_nodes = nodes
+        log.info(f"horovodrun: {env.world_size()} processes, {local} per host on {nodes} host(s)")
 
     def setup_environment(self) -> None:
         self._check_world_size()
@@ -245,6 +283,9 @@ class _CodedReduceMixin:
     def _broadcast_module_states(self, buffers_only: bool = False) -> None:
         if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
             return
+        if self._dead_ranks():
+            self._warn_degraded("buffer broadcast")
+            return
         module = self.lightning_module
         tensors = [] if buffers_only else [p.data for p in module.parameters()]
         tensors += [b for b in module.buffers()]
@@ -253,7 +294,13 @@ class _CodedReduceMixin:
             groups.setdefault((t.dtype, t.device), []).append(t)
         for group in groups.values():  # one broadcast per dtype/device, not per tensor
             flat = torch.cat([t.detach().reshape(-1) for t in group])
+            if flat.dtype == torch.bool:  # not every backend broadcasts bool
+                flat = flat.to(torch.uint8)
+            elif flat.is_complex():
+                flat = torch.view_as_real(flat).reshape(-1)
             dist.broadcast(flat, src=0)
+            if group[0].is_complex():
+                flat = torch.view_as_complex(flat.view(-1, 2))
             offset = 0
             for t in group:
                 t.copy_(flat[offset:offset + t.numel()].view_as(t))
@@ -267,9 +314,66 @@ class _CodedReduceMixin:
                                           "the slowest rank and CodedReduce cannot skip stragglers")
             self.plan = CodedReducePlan(self.world_size, self.branching, self.stragglers, self.code, self.seed)
             log.debug(self.plan.describe())
+            self._check_same_plan()
+            self._check_materialised(self.lightning_module)
             self._install_patches(trainer)
             self._warn_per_step_collectives(trainer)
         super().setup(trainer)
+
+    def _check_same_plan(self) -> None:
+        """Every rank must build the same plan: compare the options (not only the fingerprint) to say which differs."""
+        if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+            return
+        options = ("branching", "stragglers", "code", "seed", "transport")
+        mine = {**{k: getattr(self, k) for k in options}, "plan": self.plan.fingerprint()}
+        every: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+        differ = [k for k in options if any(e[k] != mine[k] for e in every)]
+        if differ or any(e["plan"] != mine["plan"] for e in every):
+            detail = "; ".join(f"{k}: " + ", ".join(f"rank {r} {e[k]!r}" for r, e in enumerate(every)) for k in differ)
+            raise ValueError(
+                f"the ranks built different CodedReduce plans ({detail or 'plan fingerprints differ: ' + str([e['plan'] for e in every])}); "
+                "every rank must create CodedReduceStrategy with the same branching, stragglers, code, seed and transport")
+
+    @staticmethod
+    def _check_materialised(module) -> None:
+        if module is None:
+            return
+        from torch.nn.parameter import is_lazy
+
+        lazy = [n for n, p in module.named_parameters() if is_lazy(p)] + [n for n, b in module.named_buffers() if is_lazy(b)]
+        if lazy:
+            raise ValueError(
+                f"the model has parameters that are not initialised yet (lazy modules: {', '.join(lazy[:5])}"
+                f"{', ...' if len(lazy) > 5 else ''}). CodedReduce broadcasts rank 0's parameters at set-up and reduces a "
+                "fixed set of gradients, so they must exist before fit: run one forward pass with a dummy batch in the "
+                "LightningModule's __init__ or setup() hook, or give the layers their input sizes")
+
+    def _check_gradient_dtypes(self) -> None:
+        names = {id(p): n for n, p in self.lightning_module.named_parameters()}
+        for optimizer in self.optimizers:
+            for p in self._grad_params(optimizer):
+                if p.dtype not in _REDUCIBLE:
+                    raise ValueError(
+                        f"parameter {names.get(id(p), '?')} is {p.dtype}; CodedReduce reduces float16, bfloat16, float32 "
+                        "and float64 gradients. Set requires_grad=False on it (or keep it as a buffer), or store "
+                        "complex values as real pairs (torch.view_as_real)")
+
+    def _dead_ranks(self) -> set[int]:
+        """Ranks every survivor knows to be dead once it has applied the same steps (empty: all alive)."""
+        reducer = self.reducer
+        if reducer is not None and hasattr(reducer, "agreed_dead"):
+            self._known_dead |= reducer.agreed_dead(self._reduce_step - 1)
+        return self._known_dead
+
+    def _warn_degraded(self, what: str) -> None:
+        if "degraded" not in self._warned:
+            self._warned.add("degraded")
+            if self.global_rank != 0:  # rank 0 always survives a tolerated death (the root is needed)
+                return
+            warnings.warn(f"CodedReduce: rank(s) {sorted(self._known_dead)} died and training goes on without them; "
+                          f"Lightning's collectives ({what} and others: barriers, broadcasts, sync_dist, "
+                          "reduce_boolean_decision) now run locally on each surviving rank", UserWarning, stacklevel=3)
 
     def _install_patches(self, trainer) -> None:
         """Two instance-level patches of Lightning 2.6 internals (undone in teardown).
@@ -367,6 +471,9 @@ class _CodedReduceMixin:
             raise ValueError(f"the ranks disagree on the training data (dataset length, global batch, shuffle, "
                              f"drop_last): {every}; every rank must build the same DataLoader")
         data_seed = every[0][4]  # rank 0's seed: every rank must draw the same permutation
+        if n == 0:
+            raise ValueError("the training dataset is empty (len(dataset) == 0); CodedReduce needs at least "
+                             f"{self.plan.min_global_batch_size} samples per step")
         if B < low:
             raise ValueError(f"global_batch_size={B} is too small for the CodedReduce plan of {self.world_size} ranks "
                              f"(branching={self.branching}, stragglers={self.stragglers}): it needs at least {low} "
@@ -399,6 +506,7 @@ class _CodedReduceMixin:
         loader = CodedReduceDataLoader(dl.dataset, batch_sampler=batch_sampler, **kwargs)
         loader._codedreduce_strategy = weakref.ref(self)
         self.sampler, self.global_batch_size = batch_sampler, B
+        self._chunked_plan = not uniform  # some rank calls training_step once per weighted chunk
         self._position = (0, 0)
         if "global_batch" not in self._warned:
             self._warned.add("global_batch")
@@ -470,14 +578,22 @@ class _CodedReduceMixin:
         self._loaded_reduce_step = None
         self._reduce_step = start
         self._close_reducer()
+        if self._known_dead:
+            raise CodedReduceError(
+                f"rank(s) {sorted(self._known_dead)} died during an earlier fit in this job; a new fit needs every rank "
+                "(process groups are created collectively). Restart the job and resume from the last checkpoint "
+                "(trainer.fit(..., ckpt_path=...))")
+        self._check_gradient_dtypes()
         # a private gloo group: isolates the reducer's point-to-point traffic from Lightning's collectives
         # (and from an earlier fit's reducer), and works when the default backend is NCCL
         group = dist.new_group(backend="gloo")
-        self.reducer = CodedReducer(self.plan, timeout=self.reduce_timeout, start_step=start, group=group)
+        self.reducer = CodedReducer(self.plan, timeout=self.reduce_timeout, start_step=start, group=group,
+                                    transport=self.transport)
 
     def _close_reducer(self) -> None:
         if self.reducer is None:
             return
+        self._dead_ranks()  # remember who died: collectives after fit (save_checkpoint, validate) must avoid them
         reducer, self.reducer = self.reducer, None
         reducer.close()
         # CodedReducer.close() waits only ~1 s for each peer's goodbye; a rank that finishes while a peer
@@ -605,8 +721,8 @@ class _CodedReduceMixin:
         b = len(self.sampler.sample_weights)
         scale = b / self.global_batch_size
         grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1) for p in params]
-        if not grads:
-            return torch.zeros(0)
+        if not grads:  # nothing trainable (all frozen): still one (empty-valued) reduce per step, in step with the others
+            return torch.zeros(1, device=self.root_device)
         flat = torch.cat(grads)
         if flat.dtype in (torch.float16, torch.bfloat16):
             flat = flat.float()  # half-precision messages would lose the sum's precision (and decode worse)
@@ -636,12 +752,54 @@ class _CodedReduceMixin:
             closure._result = result_cls(None)
 
     # ------------------------------------------------------------------ collectives
+    # After a tolerated death every default-group collective would wait for (or fail on) the dead rank.
+    # The survivors agree on who died at the same step (CodedReducer.agreed_dead), so all of them switch
+    # to local behaviour at the same point: barriers are skipped, a broadcast keeps the local value (Lightning
+    # broadcasts values every rank computes alike: paths, decisions), decisions are local, and only rank 0
+    # writes checkpoints (as always). Before any death they are Lightning's ordinary collectives.
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        if self._dead_ranks():
+            log.debug(f"[rank {self.global_rank}] barrier skipped: rank(s) {sorted(self._known_dead)} died")
+            return
+        return super().barrier(*args, **kwargs)
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        dead = self._dead_ranks()
+        if dead:
+            if src in dead:
+                raise CodedReduceError(f"cannot broadcast from rank {src}: it died during training")
+            self._warn_degraded("broadcast")
+            return obj
+        return super().broadcast(obj, src)
+
+    def all_gather(self, tensor, group: Optional[Any] = None, sync_grads: bool = False):
+        if self._dead_ranks():
+            raise CodedReduceError(f"all_gather needs every rank, but rank(s) {sorted(self._known_dead)} died during "
+                                   "training; gather before training ends or skip it when trainer.strategy._known_dead "
+                                   "is not empty")
+        return super().all_gather(tensor, group=group, sync_grads=sync_grads)
+
     def reduce(self, tensor, group: Optional[Any] = None, reduce_op: Optional[Any] = "mean"):
+        if isinstance(tensor, torch.Tensor) and self._dead_ranks():
+            self._warn_degraded("sync_dist")
+            return tensor
         if not self._internal_reduce and isinstance(tensor, torch.Tensor):
             trainer = self._trainer
             lm = self.lightning_module
+            fx = getattr(lm, "_current_fx_name", None)
+            if (trainer is not None and trainer.training and self.reducer is not None and fx == "training_step"
+                    and getattr(self, "_chunked_plan", False)):
+                # ranks with weighted samples run training_step once per chunk: the number of such
+                # all-reduces differs between ranks, so none of them may wait for the others
+                self._warn_once("sync_chunks", (
+                    "self.log(..., sync_dist=True, on_step=True) in training_step is not synchronised with this "
+                    "CodedReduce plan: its code weights some ranks' samples unequally, so those ranks run "
+                    "training_step once per chunk and the ranks would wait for different numbers of all-reduces. "
+                    "Each rank logs its own value; use on_step=False, on_epoch=True (synchronised once at the "
+                    "epoch end), or code='frc'"))
+                return tensor
             if (trainer is not None and trainer.training and self.reducer is not None
-                    and getattr(lm, "_current_fx_name", None) in _PER_STEP_HOOKS):
+                    and fx in _PER_STEP_HOOKS):
                 self._warn_once("sync_dist", (
                     f"self.log(..., sync_dist=True) in {lm._current_fx_name} all-reduces on every training step: every "
                     "step then waits for the slowest rank, which undoes CodedReduce's straggler tolerance. Log the "
@@ -649,6 +807,8 @@ class _CodedReduceMixin:
         return super().reduce(tensor, group=group, reduce_op=reduce_op)
 
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        if self._dead_ranks():
+            return bool(decision)
         self._internal_reduce += 1
         try:
             return super().reduce_boolean_decision(decision, all=all)
@@ -670,20 +830,15 @@ class _CodedReduceMixin:
     def on_exception(self, exception: BaseException) -> None:
         """This rank stops with an error. If the plan can do without it, it just leaves (the others go
         on, as when a process dies); otherwise it aborts the reduce so every rank raises
-        ``CodedReduceError`` naming it.
-
-        (A plain ``CodedReducer.close()`` says goodbye, and a parent that still needs this rank's
-        message would wait for it forever: the engine treats a peer that said goodbye as finished,
-        not dead.)
+        ``CodedReduceError`` naming it at once, instead of within the reducer's timeout.
         """
         super().on_exception(exception)
         reducer = self.reducer
-        if reducer is None or reducer.error is not None or not hasattr(reducer, "_fail"):
+        if reducer is None or reducer.error is not None:
             return
         if self.plan.tolerates(set(reducer.dead) | {self.global_rank}):
             return
-        reducer._fail(f"CodedReduce stopped: rank {self.global_rank} failed with "
-                      f"{type(exception).__name__}: {str(exception)[:200]}", culprit=self.global_rank)
+        reducer.abort(f"{type(exception).__name__}: {str(exception)[:200]}")
 
     def teardown(self) -> None:
         try:
@@ -702,9 +857,11 @@ _CLASS_DOC = """Data-parallel training with CodedReduce instead of DDP's all-red
         global_batch_size: samples per optimizer step over all ranks; default: derived from the
             training DataLoader's ``batch_size`` (per-rank batch, as with DDP) by the plan.
         timeout: seconds a silent peer may take before it counts as dead.
-        process_group_backend: backend of Lightning's process group (the reduce itself uses gloo).
+        process_group_backend: backend of Lightning's process group (the reduce uses ``transport``).
         seed: seed of the plan's code search (the same on every rank).
         process_group_timeout: timeout of the default process group (``DDPStrategy(timeout=...)``).
+        transport: ``"gloo"`` (default; CUDA gradients are staged through host memory) or ``"nccl"``
+            (frames over NCCL, one pair of 2-rank communicators per tree link; needs CUDA).
 
     After set-up: ``plan`` (the :class:`CodedReducePlan`), ``reducer``, ``sampler``,
     ``global_batch_size`` and ``step_records`` (one ``{"step", "compute_s", "skipped"}`` per optimizer step).

@@ -15,7 +15,16 @@ Protocol (no global barrier):
   ``max_backlog_bytes`` before the rank stops reading from its parent (back-pressure);
 * a peer that dies (or is silent for ``timeout`` seconds -- idle links carry heartbeats) is
   recorded; if the plan still decodes without it, training goes on; otherwise every rank raises
-  ``CodedReduceError`` naming it, within about ``timeout`` seconds.
+  ``CodedReduceError`` naming it, within about ``timeout`` seconds;
+* a tolerated death is reported up to the root, which announces it down the tree in order with the
+  results: ``dead_since[r]`` is the first step whose result every surviving rank received after
+  learning that rank ``r`` died, so all survivors agree on ``agreed_dead(step)`` after applying the
+  same steps (a caller can then avoid collectives that would wait for the dead rank).
+
+Transports: ``"gloo"`` (default; CUDA tensors are staged through host memory) or ``"nccl"``: the frames
+travel over NCCL, with two 2-rank communicators per tree link (one per direction: a receive pending on
+a communicator's stream would block that communicator's sends), created collectively at start. The
+protocol (decoding, accumulation) stays in host memory either way.
 """
 from __future__ import annotations
 
@@ -30,7 +39,7 @@ import torch.distributed as dist
 
 from ..plan import CodedReducePlan
 from .frames import FrameError, Header, Kind, fingerprint_int
-from .transport import TAG, Link
+from .transport import TAG, Link, check_transport, nccl_link_groups
 
 
 class CodedReduceError(RuntimeError):
@@ -67,18 +76,23 @@ class CodedReducer:
         max_backlog_bytes: unconsumed results kept before back-pressure.
         group: process group (default: the world); its size must equal ``plan.world_size``.
         tag: point-to-point tag of this reducer's frames (two reducers on one group need two tags).
+        transport: ``"gloo"`` (CPU; CUDA tensors are staged through host memory) or ``"nccl"`` (frames over
+            NCCL, one pair of communicators per tree link, created here collectively: every rank of the
+            world must create its reducer at the same time). ``"nccl"`` needs CUDA and NCCL.
     """
 
     def __init__(self, plan: CodedReducePlan, *, timeout: float = 30.0, start_step: int = 0,
-                 max_backlog_bytes: int = 512 << 20, group=None, tag: int = TAG, check_plan: bool = True):
+                 max_backlog_bytes: int = 512 << 20, group=None, tag: int = TAG, check_plan: bool = True,
+                 transport: str = "gloo"):
+        check_transport(transport)  # before anything else: a clear error on machines without CUDA/NCCL
         if not dist.is_initialized():
             raise RuntimeError("initialise torch.distributed (e.g. gloo) before creating a CodedReducer")
         world = dist.get_world_size(group)
         if world != plan.world_size:
             raise ValueError(f"the plan is for {plan.world_size} ranks but the process group has {world}; "
                              f"build CodedReducePlan(world_size={world}, ...)")
-        if timeout <= 0:
-            raise ValueError(f"timeout must be positive seconds, got {timeout}")
+        if not timeout > 0 or timeout == float("inf"):  # (NaN fails the first test)
+            raise ValueError(f"timeout must be a finite, positive number of seconds, got {timeout}")
         self.plan = plan
         self.rank = dist.get_rank(group)
         self.group = group
@@ -100,18 +114,27 @@ class CodedReducer:
         self.drained = 0  # late messages discarded
         self.max_buffered = 0  # most child messages held at once (bounded-memory check)
         self.dead: dict[int, str] = {}  # rank -> why, for peers that died but were tolerated
+        self._dead_since: dict[int, int] = {}  # rank -> first step whose result carries the news (see agreed_dead)
+        self._reported_up: set[int] = set()  # deaths already reported to the parent
         self._finished: set[int] = set()  # peers that closed in order (BYE)
         # results (shared with callers, under _cond)
         self._results: dict[int, torch.Tensor] = {}
         self._backlog = 0
         self._max_backlog = max_backlog_bytes
         self._next_step = start_step
+        self.transport = transport
         parent = plan.parent(self.rank)
         hb = max(0.05, timeout / 10)
-        self._parent = None if parent is None else Link(self.rank, parent, self._fp, self._events, timeout, hb,
-                                                        group=group, tag=tag, before_receive=self._room_for_results)
-        self._children = {c: Link(self.rank, c, self._fp, self._events, timeout, hb, group=group, tag=tag)
-                          for c in plan.children(self.rank)}
+        links = nccl_link_groups(plan, self.rank, group, timeout) if transport == "nccl" else {}
+        device = torch.device("cuda", torch.cuda.current_device()) if transport == "nccl" else None
+
+        def link(peer, **kw):
+            send_group, recv_group = links.get(peer, (group, group))
+            return Link(self.rank, peer, self._fp, self._events, timeout, hb, group=send_group, tag=tag,
+                        recv_group=recv_group, device=device, **kw)
+
+        self._parent = None if parent is None else link(parent, before_receive=self._room_for_results)
+        self._children = {c: link(c) for c in plan.children(self.rank)}
         for link in self._links():
             link.start()
         self._thread = threading.Thread(target=self._run, name="codedreduce-protocol", daemon=True)
@@ -175,6 +198,25 @@ class CodedReducer:
         return self._error
 
     @property
+    def dead_since(self) -> dict[int, int]:
+        """Dead ranks every survivor has been told about: rank -> first step whose result came after the news."""
+        with self._cond:
+            return dict(self._dead_since)
+
+    def agreed_dead(self, step: int) -> set[int]:
+        """Ranks known dead by every surviving rank once it has applied the result of ``step``.
+
+        The root announces a death down the tree before the next result it sends, so every survivor that
+        has applied the same steps returns the same set (unlike ``dead``, which is what this rank saw).
+        """
+        with self._cond:
+            return {r for r, s in self._dead_since.items() if s <= step}
+
+    def abort(self, reason: str) -> None:
+        """Stop every rank: this rank failed (e.g. an exception in training) and the plan may need it."""
+        self._events.put(("abort", reason))
+
+    @property
     def backlog_steps(self) -> int:
         """Reduced steps waiting to be applied by the caller (a lagging rank's lag)."""
         with self._cond:
@@ -220,6 +262,8 @@ class CodedReducer:
                     self._on_dead(event[1], event[2])
                 elif kind == "bad":
                     self._fail(f"rank {self.rank}: {event[2]}", culprit=event[1])
+                elif kind == "abort":
+                    self._fail(f"CodedReduce stopped: rank {self.rank} aborted ({event[1]})", culprit=self.rank)
                 self._try_decode()
             except FrameError as err:
                 self._fail(f"rank {self.rank}: {err}", culprit=event[1] if len(event) > 1 else -1)
@@ -239,6 +283,8 @@ class CodedReducer:
 
     def _on_frame(self, src: int, header: Header, payload: torch.Tensor | None) -> None:
         if header.kind == Kind.HEARTBEAT:
+            if header.extra >= 0:  # a heartbeat that carries news: rank ``extra`` died (see _spread_death)
+                self._on_death_notice(src, header.extra)
             return
         if header.kind == Kind.BYE:
             self._finished.add(src)
@@ -283,6 +329,7 @@ class CodedReducer:
         arrived = self._msgs.get(step, {})
         coefs = self.plan.decoder(self.rank, arrived.keys())
         if coefs is None:
+            self._check_still_decodable(step, arrived.keys())
             return
         out = local  # our own flattened copy (see reduce): accumulate in place
         for child, coef in coefs.items():
@@ -303,6 +350,16 @@ class CodedReducer:
             self._publish(step, out)
         else:
             self._parent.send(Header(Kind.UP, step, out.numel(), out.dtype, self.rank), out)
+
+    def _check_still_decodable(self, step: int, arrived) -> None:
+        """Fail (instead of waiting forever) when children that closed are needed for ``step``."""
+        gone = [c for c in self._children if c in self._finished and c not in arrived]
+        if not gone:
+            return
+        could_come = [c for c in self._children if c not in self.dead and c not in self._finished]
+        if self.plan.decoder(self.rank, [*arrived, *could_come]) is None:
+            self._fail(f"CodedReduce stopped: rank(s) {gone} closed before sending step {step}, which "
+                       f"rank {self.rank} cannot reduce without them", culprit=gone[0])
 
     def _publish(self, step: int, result: torch.Tensor) -> None:
         for link in self._children.values():
@@ -338,6 +395,41 @@ class CodedReducer:
         if self.plan.decoder(self.rank, alive) is None:
             self._fail(f"CodedReduce stopped: rank {peer} died ({why}) and rank {self.rank} cannot decode "
                        f"without it (tolerance {self.plan.tolerance(self.rank)})", culprit=peer)
+            return
+        self._spread_death(peer)
+
+    # Death notices travel as heartbeats whose ``extra`` names the dead rank (old peers ignore them):
+    # up the tree to the root, then down from the root to every survivor, queued on each link before
+    # the next DOWN result, so that every survivor learns of the death at the same step.
+    def _spread_death(self, peer: int) -> None:
+        if self._parent is None:  # the root: the news goes out before the next result it publishes
+            if peer in self._dead_since:
+                return
+            with self._cond:
+                self._dead_since[peer] = self._decode_step
+            for link in self._children.values():
+                if link.peer not in self.dead:
+                    link.send(Header(Kind.HEARTBEAT, 0, 0, None, self.rank, extra=peer))
+        elif peer not in self._reported_up:
+            self._reported_up.add(peer)
+            self._parent.send(Header(Kind.HEARTBEAT, 0, 0, None, self.rank, extra=peer))
+
+    def _on_death_notice(self, src: int, peer: int) -> None:
+        if not 0 <= peer < self.plan.world_size or peer == self.rank:
+            raise FrameError(f"rank {src} reported the death of rank {peer}, which is not a peer of rank {self.rank}")
+        if peer not in self.dead and peer != self.plan.parent(self.rank) and peer not in self._children:
+            self.dead[peer] = f"reported by rank {src}"  # neighbours' deaths are for their links to find
+        if src in self._children or self._parent is None:
+            self._spread_death(peer)  # on its way up (or arrived at the root)
+            return
+        # from the parent: the root's announcement, in order with the results
+        if peer in self._dead_since:
+            return
+        with self._cond:
+            self._dead_since[peer] = self._next_down
+        for link in self._children.values():
+            if link.peer not in self.dead:
+                link.send(Header(Kind.HEARTBEAT, 0, 0, None, self.rank, extra=peer))
 
     def _fail(self, message: str, culprit: int, forward_from: int | None = None) -> None:
         if self._error is not None:

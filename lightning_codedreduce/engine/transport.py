@@ -1,16 +1,22 @@
-"""Point-to-point links over ``torch.distributed`` (gloo): one receiver and one sender thread per link.
+"""Point-to-point links over ``torch.distributed``: one receiver and one sender thread per link.
 
 Blocking waits in threads are used because gloo receive handles do not report completion by
 polling. A sender thread per link means a stopped or slow peer blocks only its own link; its
 queue is bounded (back-pressure instead of unbounded memory). An idle sender sends heartbeats, so
 a receiver that hears nothing for ``timeout`` seconds knows its peer is dead or stopped. Every
 failure is reported as an event, never raised inside a thread.
+
+Transports: ``"gloo"`` (CPU tensors; the default) and ``"nccl"``: each direction of a link has its own
+2-rank NCCL communicator (a receive pending on a communicator's stream would block later operations
+on it, i.e. the link's own sends), frames are copied to the GPU to be sent and back to host memory
+when received; completion is polled, so a silent peer is still detected after ``timeout``.
 """
 from __future__ import annotations
 
 import datetime
 import queue
 import threading
+import time
 from typing import Callable
 
 import torch
@@ -19,6 +25,46 @@ import torch.distributed as dist
 from .frames import HEADER_LEN, FrameError, Header, Kind, decode_header
 
 TAG = 0xC0DE
+TRANSPORTS = ("gloo", "nccl")
+
+
+def check_transport(transport: str) -> None:
+    """Raise a clear error for an unknown transport, or for ``"nccl"`` where CUDA or NCCL is missing."""
+    if transport not in TRANSPORTS:
+        raise ValueError(f"unknown transport {transport!r}; choose one of {', '.join(map(repr, TRANSPORTS))} "
+                         "('gloo' works everywhere and stages CUDA tensors through host memory)")
+    if transport == "nccl":
+        if not torch.cuda.is_available():
+            raise RuntimeError("transport='nccl' needs CUDA GPUs, but torch.cuda.is_available() is False on this "
+                               "machine; use transport='gloo' (CUDA tensors are staged through host memory)")
+        if not (dist.is_available() and dist.is_nccl_available()):
+            raise RuntimeError("transport='nccl' needs a torch build with NCCL (torch.distributed.is_nccl_available() "
+                               "is False); use transport='gloo'")
+
+
+def nccl_link_groups(plan, rank: int, group, timeout: float) -> dict:
+    """Create the NCCL communicators of every tree link, collectively (all ranks, the same order).
+
+    Returns ``{peer: (send_group, recv_group)}`` for this rank's links: per link one group for the
+    parent-to-child direction and one for child-to-parent.
+    """
+    def global_rank(r: int) -> int:
+        return r if group is None else dist.get_global_rank(group, r)
+
+    pg_timeout = datetime.timedelta(seconds=max(600.0, 20 * timeout))  # the links do their own timeouts
+    out: dict[int, tuple] = {}
+    for child in range(plan.world_size):  # the same order on every rank: new_group is collective
+        parent = plan.parent(child)
+        if parent is None:
+            continue
+        ranks = sorted((global_rank(parent), global_rank(child)))
+        down = dist.new_group(ranks, backend="nccl", timeout=pg_timeout)
+        up = dist.new_group(ranks, backend="nccl", timeout=pg_timeout)
+        if rank == parent:
+            out[child] = (down, up)
+        elif rank == child:
+            out[parent] = (up, down)
+    return out
 
 
 class Link:
@@ -26,9 +72,12 @@ class Link:
 
     def __init__(self, rank: int, peer: int, fingerprint: int, events: queue.Queue, timeout: float,
                  heartbeat: float, max_queued: int = 64, group=None, tag: int = TAG,
-                 before_receive: Callable[[], None] | None = None):
+                 before_receive: Callable[[], None] | None = None, recv_group=None,
+                 device: torch.device | None = None):
         self.rank = rank
         self.peer = peer
+        self.device = device  # None: gloo, CPU tensors; a CUDA device: NCCL (send_group/recv_group)
+        self.recv_group = group if recv_group is None else recv_group
         self.heartbeat = heartbeat
         self.before_receive = before_receive
         self.fingerprint = fingerprint
@@ -61,6 +110,8 @@ class Link:
         return self.outbox.qsize()
 
     def _send_loop(self) -> None:
+        if self.device is not None:
+            torch.cuda.set_device(self.device)  # the current device is per thread
         beat = Header(Kind.HEARTBEAT, 0, 0, None, self.rank)
         while True:
             try:
@@ -70,9 +121,9 @@ class Link:
             if header is None:
                 return
             try:  # no timeout on sends: a dead peer fails them, a stopped one is caught by its receiver
-                dist.isend(header.encode(self.fingerprint), self.peer, group=self.group, tag=self.tag).wait()
+                self._send(header.encode(self.fingerprint))
                 if payload is not None:
-                    dist.isend(payload, self.peer, group=self.group, tag=self.tag).wait()
+                    self._send(payload)
             except Exception as err:  # peer died or link broke: report, stop using the link
                 if not self.closed.is_set():
                     self.events.put(("dead", self.peer, f"send failed: {_short(err)}"))
@@ -82,17 +133,17 @@ class Link:
                 return
 
     def _receive_loop(self) -> None:
+        if self.device is not None:
+            torch.cuda.set_device(self.device)
         while True:
             if self.before_receive is not None:
                 self.before_receive()  # back-pressure: the owner may hold us while it is full
-            raw = torch.empty(HEADER_LEN, dtype=torch.int64)
             try:
-                self._wait(dist.irecv(raw, self.peer, group=self.group, tag=self.tag))
+                raw = self._receive(HEADER_LEN, torch.int64)
                 header = decode_header(raw, self.fingerprint, self.peer)
                 payload = None
                 if header.numel:
-                    payload = torch.empty(header.numel, dtype=header.dtype)
-                    self._wait(dist.irecv(payload, self.peer, group=self.group, tag=self.tag))
+                    payload = self._receive(header.numel, header.dtype)
             except FrameError as err:
                 self.events.put(("bad", self.peer, str(err)))
                 return
@@ -108,11 +159,51 @@ class Link:
     def _wait(self, work) -> None:
         work.wait(self.timeout)  # silence longer than the timeout (no heartbeat either) means dead
 
+    def _send(self, tensor: torch.Tensor) -> None:
+        if self.device is None:
+            dist.isend(tensor, self.peer, group=self.group, tag=self.tag).wait()
+            return
+        staged = tensor.to(self.device)
+        self._poll(dist.isend(staged, self.peer, group=self.group), None)
+
+    def _receive(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        if self.device is None:
+            buf = torch.empty(numel, dtype=dtype)
+            self._wait(dist.irecv(buf, self.peer, group=self.recv_group, tag=self.tag))
+            return buf
+        buf = torch.empty(numel, dtype=dtype, device=self.device)
+        self._poll(dist.irecv(buf, self.peer, group=self.recv_group), self.timeout.total_seconds())
+        return buf.cpu()
+
+    def _poll(self, work, timeout: float | None) -> None:
+        """NCCL: ``wait()`` only orders streams; poll completion instead (bounded for receives)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not work.is_completed():
+            if self.closed.is_set() and timeout is None:
+                raise RuntimeError("link closed")
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"no frame from rank {self.peer} for {timeout:.0f} s")
+            time.sleep(0.0005)
+        work.wait()  # raises the communicator's error, if any
+
     def close(self, join_timeout: float = 2.0) -> None:
         """Let the sender deliver what is queued (the owner queues BYE last), then stop both threads."""
+        deadline = time.monotonic() + join_timeout
         self._tx.join(join_timeout)  # the sender returns after sending BYE
+        # wait for the peer's BYE: leaving with a receive posted would abort the process in gloo
+        self._rx.join(max(0.0, deadline - time.monotonic()))
         self.closed.set()
-        self._rx.join(min(join_timeout, 1.0))
+        if self.device is not None and (self._rx.is_alive() or self._tx.is_alive()):
+            # an NCCL operation still pending (dead or silent peer) cannot be cancelled: abort the communicators
+            for group in {id(self.group): self.group, id(self.recv_group): self.recv_group}.values():
+                _abort_nccl(group)
+
+
+def _abort_nccl(group) -> None:
+    try:
+        group._get_backend(torch.device("cuda")).abort()
+    except Exception:  # best effort: older torch, or already gone
+        pass
 
 
 def _short(err: Exception) -> str:

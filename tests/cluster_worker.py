@@ -1,0 +1,187 @@
+"""One rank of the launcher and dead-rank tests (``tests/test_launchers.py``, ``tests/test_faults.py``).
+
+Started by torchrun (one or several agents), by hand with the variables ``srun`` sets, by
+``horovodrun`` or ``mpirun``, or by ``tests/mp.py``; the rank is whatever the launcher says (the
+Trainer's ``global_rank``). Writes ``<out>/<scenario>.rank<r>.json``.
+
+Scenarios:
+* ``equiv``: 6 steps from different initial weights per rank (the strategy broadcasts rank 0's);
+  records the global batches for the single-process reference.
+* ``fault``: ``--victim`` writes ``<out>/victim_at_step`` at step ``--kill-step`` and then sleeps (the
+  test kills it); the others wait at the next step until the test says it killed it, then train to
+  the end of ``--epochs`` epochs with ``ModelCheckpoint(save_last=True)`` and a ``StragglerMonitor``, and save
+  ``final.ckpt`` with ``trainer.save_checkpoint``. An error is recorded (and the rank exits 1).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+if sys.platform.startswith("linux") and ("TORCHELASTIC_RUN_ID" in os.environ or "HOROVOD_RANK" in os.environ):
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # die with the launcher (own sessions)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+import pytorch_lightning as pl  # noqa: E402
+
+import lightning_codedreduce  # noqa: E402,F401  (registers "codedreduce")
+from lightning_codedreduce import CodedReduceStrategy  # noqa: E402
+from lightning_codedreduce.callbacks import StragglerMonitor  # noqa: E402
+from lit_common import flat_params, make_dataset, make_net, param_hash  # noqa: E402
+
+A = None
+
+
+def env_rank() -> int:
+    for var in ("RANK", "SLURM_PROCID", "HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+def write(name, rank, data):
+    path = os.path.join(A.out, f"{name}.rank{rank}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f)
+    os.replace(path + ".tmp", path)
+
+
+class Net(pl.LightningModule):
+    def __init__(self, lr=0.1, rank_init=False, step_delay=0.0):
+        super().__init__()
+        self.net = make_net(1000 * env_rank() if rank_init else 0)
+        self.lr, self.step_delay = lr, step_delay
+        self.batches = []
+        self.init = None
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.step_delay:
+            time.sleep(self.step_delay)
+        return F.mse_loss(self(x), y)
+
+    def on_train_start(self):
+        if self.init is None:
+            self.init = flat_params(self).tolist()
+
+    def on_train_batch_start(self, batch, batch_idx):
+        sampler = self.trainer.strategy.sampler
+        self.batches.append((self.trainer.current_epoch, batch_idx, sampler.global_batch(batch_idx)))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def result(trainer, model, **extra):
+    strategy = trainer.strategy
+    return {"rank": trainer.global_rank, "world": trainer.world_size, "node_rank": trainer.node_rank,
+            "local_rank": trainer.local_rank, "params": flat_params(model).tolist(), "hash": param_hash(model),
+            "init": model.init, "batches": model.batches, "global_step": trainer.global_step,
+            "epoch": trainer.current_epoch, "global_batch": strategy.global_batch_size,
+            "environment": type(strategy.cluster_environment).__name__, "pid": os.getpid(), **extra}
+
+
+def loader(n=40, batch_size=4):
+    return DataLoader(make_dataset(n), batch_size=batch_size, shuffle=True)
+
+
+def trainer_kw(**kw):
+    cfg = dict(accelerator="cpu", devices=A.devices, num_nodes=A.nodes, logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+               default_root_dir=os.path.join(A.out, "root"))
+    if A.devices is None:  # leave devices/num_nodes to the launcher (horovodrun)
+        del cfg["devices"], cfg["num_nodes"]
+    cfg.update(kw)
+    return cfg
+
+
+# ---------------------------------------------------------------- scenarios
+def sc_equiv(name):
+    strategy = "codedreduce" if A.by_name else CodedReduceStrategy(branching=A.branching, stragglers=A.stragglers,
+                                                                   timeout=A.timeout)
+    model = Net(rank_init=True)
+    trainer = pl.Trainer(strategy=strategy, max_steps=6, **trainer_kw())
+    trainer.fit(model, loader())
+    write(name, trainer.global_rank, result(trainer, model))
+
+
+class _Fault(pl.Callback):
+    """The victim marks step ``kill_step`` and sleeps (to be killed); the others wait for the kill."""
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        if trainer.global_rank == A.victim and trainer.global_step == A.kill_step:
+            with open(os.path.join(A.out, "victim_at_step"), "w") as f:
+                f.write(str(trainer.global_step))
+            time.sleep(120)  # killed here
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank != A.victim and trainer.global_step == A.kill_step + 1:
+            deadline = time.monotonic() + 60
+            while not os.path.exists(os.path.join(A.out, "killed")) and time.monotonic() < deadline:
+                time.sleep(0.02)
+
+
+def sc_fault(name):
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    rank = env_rank()
+    strategy = CodedReduceStrategy(branching=A.branching, stragglers=A.stragglers, timeout=A.timeout)
+    monitor = StragglerMonitor(os.path.join(A.out, "monitor"), stale_s=1.0, merge_timeout=10.0, summary=False)
+    ckpt = ModelCheckpoint(dirpath=os.path.join(A.out, "ckpt"), save_last=True, save_top_k=1)
+    model = Net(step_delay=0.02)
+    trainer = pl.Trainer(strategy=strategy, max_epochs=A.epochs, callbacks=[_Fault(), monitor, ckpt],
+                         **trainer_kw(enable_checkpointing=True))
+    t0 = time.time()
+    try:
+        trainer.fit(model, loader(n=A.n))
+        trainer.save_checkpoint(os.path.join(A.out, "final.ckpt"))  # after fit: rank 0 writes, no barrier hangs
+    except BaseException as err:  # noqa: BLE001 - recorded for the test, then this rank exits non-zero
+        write(name, rank, {"rank": rank, "error_type": type(err).__name__, "error": str(err), "t_error": time.time(),
+                           "t0": t0, "traceback": traceback.format_exc()})
+        sys.stdout.flush()
+        sys.exit(1)
+    write(name, trainer.global_rank, result(
+        trainer, model, error_type=None,
+        known_dead=sorted(strategy._known_dead), best=ckpt.best_model_path, last=ckpt.last_model_path,
+        t_end=time.time()))
+
+
+def main():
+    global A
+    p = argparse.ArgumentParser()
+    p.add_argument("--scenarios", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--devices", type=int, default=None)
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--by-name", action="store_true", help='strategy="codedreduce" instead of an instance')
+    p.add_argument("--branching", type=int, default=3)
+    p.add_argument("--stragglers", type=int, default=1)
+    p.add_argument("--timeout", type=float, default=20.0)
+    p.add_argument("--victim", type=int, default=-1)
+    p.add_argument("--kill-step", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--n", type=int, default=40)
+    A = p.parse_args()
+    os.makedirs(A.out, exist_ok=True)
+    import warnings
+
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*is smaller than the logging interval.*")
+    for name in A.scenarios.split(","):
+        globals()["sc_" + name](name)
+
+
+if __name__ == "__main__":
+    main()

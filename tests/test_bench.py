@@ -1,0 +1,257 @@
+"""Benchmarks: the simulator's model, the shared straggler/GC machinery, the emulated network, and the
+harness end to end (quick mode; loopback where network namespaces are not permitted)."""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lightning_codedreduce import sim
+from lightning_codedreduce.plan import CodedReducePlan
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import netns  # noqa: E402
+from benchmarks.workloads import Scheme, default_schemes, global_batch, layout  # noqa: E402
+
+M = 20_000  # bytes per message
+FAST = sim.NetworkModel(bandwidth_bps=1e9, latency_s=1e-4, decode_bytes_per_s=1e15)
+
+
+# ---------------------------------------------------------------------------- simulator
+def test_processor_sharing_link():
+    assert sim._ps_finish([(0.0, i) for i in range(4)], 1.0) == {i: pytest.approx(4.0) for i in range(4)}
+    done = sim._ps_finish([(0.0, 0), (0.5, 1)], 1.0)  # alone for 0.5, then two share the link
+    assert done[0] == pytest.approx(1.5) and done[1] == pytest.approx(2.0)
+
+
+def test_no_stragglers_tree_is_L_hops_of_message_over_bandwidth():
+    """Regular uncoded tree W=13, n=3 (L=2): up L hops, each parent's 3 messages share its ingress;
+    down L hops, each parent's 3 copies share its egress."""
+    hop = FAST.latency_s + 3 * M * 8 / FAST.bandwidth_bps
+    r = sim.simulate("cr", 13, branching=3, s=0, msg_bytes=M, compute_s=0.05, net=FAST, steps=12)
+    assert r.redundancy == pytest.approx(1.0)
+    assert r.mean_step == pytest.approx(0.05 + 2 * hop + 2 * hop, rel=1e-6)
+    assert r.step_end[0] == pytest.approx(0.05 + 2 * hop, rel=1e-6)  # root's result after the upward pass
+
+
+def test_no_stragglers_ring_and_master_worker():
+    rar = sim.simulate("rar", 13, msg_bytes=M, compute_s=0.05, net=FAST, steps=6)
+    assert rar.mean_step == pytest.approx(0.05 + 2 * 12 * (FAST.latency_s + M / 13 * 8 / 1e9), rel=1e-6)
+    gc = sim.simulate("gc", 13, s=1, msg_bytes=M, compute_s=0.05, net=FAST, steps=6)
+    assert gc.redundancy == pytest.approx(2.0)
+    # the master funnels: it decodes after one message per FRC pair, but all 12 share its ingress
+    # (processor sharing finishes them together), then sends 12 copies through its egress
+    assert gc.mean_step == pytest.approx(0.05 + 2 * (FAST.latency_s + 12 * M * 8 / 1e9), rel=1e-6)
+
+
+def test_heavy_stall_rar_pays_it_codedreduce_does_not():
+    heavy = sim.StragglerSpec.default("heavy")
+    kw = dict(msg_bytes=M, compute_s=0.05, net=FAST, steps=30)
+    rar = sim.simulate("rar", 13, stragglers=heavy, **kw)
+    rar0 = sim.simulate("rar", 13, **kw)
+    cr = sim.simulate("cr", 13, branching=3, s=1, stragglers=heavy, **kw)
+    cr0 = sim.simulate("cr", 13, branching=3, s=1, **kw)
+    tree = sim.simulate("cr", 13, branching=3, s=0, stragglers=heavy, **kw)
+    assert rar.mean_step > 8 * rar0.mean_step  # ~10x compute stall in every step
+    assert tree.mean_step > 8 * rar0.mean_step  # an uncoded tree waits too
+    assert cr.mean_step < 1.2 * cr0.mean_step  # tolerated: one straggler per parent at most
+    assert rar.mean_step / cr.mean_step > 3
+
+
+def test_paper_stragglers_and_catch_up():
+    paper = sim.StragglerSpec.default("paper")
+    kw = dict(msg_bytes=M, compute_s=0.05, net=FAST, steps=30)
+    cr = sim.simulate("cr", 7, branching=3, s=1, stragglers=paper, **kw)
+    rar = sim.simulate("rar", 7, stragglers=paper, **kw)
+    assert rar.mean_step == pytest.approx(4 * 0.05 + sim.ring_time(7, M, FAST), rel=1e-6)  # sleeps 3x compute
+    assert cr.mean_step < 0.07
+
+
+def test_paper_table_and_sweep_run():
+    rows = sim.paper_table(FAST, steps=6, models=("none", "paper"))
+    assert [r["stragglers"] for r in rows] == ["none", "paper"]
+    for r in rows:
+        assert r["W"] == 157 and r["R_cr"] > 3 and r["cr_vs_rar"] > 1 and r["paper_vs_gc"] == 27.2
+    sw = sim.sweep(worlds=(13, 157), net=FAST, steps=6)
+    assert [r["W"] for r in sw] == [13, 157] and all(r["rar"] > r["cr_s1"] for r in sw)
+
+
+def test_sweep_reaches_10000_workers_quickly():
+    r = sim.simulate("cr", 10_000, branching=12, s=1, msg_bytes=M, compute_s=0.05, net=FAST, steps=3,
+                     stragglers=sim.StragglerSpec.default("heavy"))
+    assert math.isfinite(r.mean_step) and r.redundancy > 10
+    g = sim.simulate("gc", 10_000, s=1, msg_bytes=M, compute_s=0.05, net=FAST, steps=3)
+    assert g.mean_step > 2 * 9_999 * M * 8 / 1e9
+
+
+# ---------------------------------------------------------------------------- GC plan, stragglers, workloads
+@pytest.mark.parametrize("world", [7, 13, 40])
+def test_master_worker_plan(world):
+    p = sim.MasterWorkerPlan(world, 1)
+    assert p.depth == 1 and p.children(0) == list(range(1, world))
+    assert p.loads[0] == 0 and p.redundancy == pytest.approx(2.0)
+    assert p.shards(0, p.global_batch_for(64)) == []
+    B = p.global_batch_for(64)
+    for dead in (1, world - 1):  # the decoded sum counts every sample of the global batch exactly once
+        coefs = p.decoder(0, [c for c in p.children(0) if c != dead])
+        effective = np.zeros(B)
+        for r, a in coefs.items():
+            for sh in p.shards(r, B):
+                effective[sh.start:sh.stop] += a * sh.weight
+        assert np.allclose(effective, 1.0)
+    if (world - 1) % 2 == 0:
+        odd = [c for c in p.children(0) if c % 2]  # one worker of each FRC pair
+        assert p.decoder(0, odd) is not None and p.decoder(0, odd[:-1]) is None
+        assert not p.tolerates([1, 2])
+    assert p.tolerates([2])
+
+
+def test_heavy_stall_episodes_one_at_a_time_and_deterministic():
+    comp = {r: 0.05 for r in range(13)}
+    a = sim.Stragglers(sim.StragglerSpec.default("heavy"), 13, comp, seed=3, t0=10.0)
+    b = sim.Stragglers(sim.StragglerSpec.default("heavy"), 13, comp, seed=3, t0=10.0)
+    eps = a.episodes(15.0)
+    assert eps == b.episodes(15.0)
+    assert all(r != 0 for r, _, _ in eps)
+    assert all(e2[1] == pytest.approx(e1[1] + e1[2]) and e1[0] != e2[0] for e1, e2 in zip(eps, eps[1:]))
+    assert all(d == pytest.approx(0.5) for _, _, d in eps)  # 10x compute
+    rank, start, dur = eps[3]
+    end, delay = a.finish(rank, 0, start - 0.01)  # 10 ms of progress, then paused for the episode
+    assert end == pytest.approx(start + dur + 0.04) and delay == pytest.approx(dur)
+    other = next(r for r in range(1, 13) if r != rank and all(e[0] != r for e in eps[2:6]))
+    assert a.finish(other, 0, start)[1] == pytest.approx(0.0, abs=1e-12)
+    assert a.finish(0, 0, start) == (start + 0.05, 0.0)  # the root never straggles
+
+
+def test_paper_and_shiftexp_models():
+    comp = {r: 0.1 for r in range(7)}
+    p = sim.Stragglers(sim.StragglerSpec.default("paper"), 7, comp, seed=0)
+    (slow,) = p.fixed
+    assert slow != 0 and p.finish(slow, 5, 1.0) == (pytest.approx(1.4), pytest.approx(0.3))
+    e = sim.Stragglers(sim.StragglerSpec.default("shiftexp"), 7, comp, seed=0)
+    d = [e.finish(3, k, 0.0)[1] for k in range(400)]
+    assert d == [e.finish(3, k, 0.0)[1] for k in range(400)] and 0.07 < np.mean(d) < 0.13
+
+
+def test_workload_layouts_match_the_sampler():
+    from lightning_codedreduce.sampler import CodedReduceBatchSampler
+
+    for sc in default_schemes(13):
+        lay = layout(sc, 13, 64)
+        assert max(lay.samples(r) for r in range(13)) == 64
+        if sc.kind == "gc":
+            assert lay.samples(0) == 0 and lay.redundancy == pytest.approx(2.0)
+        if sc.kind in ("allreduce", "horovod"):
+            assert lay.global_batch == 13 * 64
+    plan = CodedReducePlan(7, 3, 1)
+    B = plan.global_batch_for(64)
+    sampler = CodedReduceBatchSampler(1000, plan, 4, B, seed=5)
+    sampler.set_epoch(0)
+    want = [list(b) for _, b in zip(range(8), iter(sampler))]  # crosses an epoch boundary? (1000/192 -> 6 steps)
+    lay = layout(Scheme("x", "coded", 3, 1), 7, 64)
+    for step, idx in enumerate(want):
+        assert list(global_batch(1000, B, 5, step)[lay.positions[4]]) == idx
+
+
+# ---------------------------------------------------------------------------- emulated network
+def test_netns_create_and_always_tear_down():
+    ok, why = netns.probe()
+    if not ok:
+        pytest.skip(f"network namespaces not permitted here: {why}")
+    net = netns.EmulatedNetwork(3, rate="100mbit")
+    with pytest.raises(RuntimeError, match="boom"):
+        with net:
+            listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+            assert all(n in listed for n in net.names + [net.switch])
+            out = subprocess.run(net.exec_prefix(1) + ["ip", "-4", "addr", "show", "dev", "eth0"],
+                                 capture_output=True, text=True).stdout
+            assert net.address(1) + "/15" in out and net.address(1).startswith("198.18.")
+            qd = subprocess.run(net.exec_prefix(1) + ["tc", "qdisc", "show", "dev", "eth0"],
+                                capture_output=True, text=True).stdout
+            assert "tbf" in qd and "100Mbit" in qd
+            raise RuntimeError("boom")
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not any(n in listed for n in net.names + [net.switch])
+    assert not any((netns.NETNS_ETC / n).exists() for n in net.names)
+
+
+# ---------------------------------------------------------------------------- the harness
+def _horovod_available() -> tuple[bool, str]:
+    if importlib.util.find_spec("horovod") is not None:
+        return True, ""
+    cache = Path(os.environ.get("HOROVOD_WHEEL_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+                                / "lightning_codedreduce" / "wheels"))
+    if glob.glob(str(cache / "torch*" / "horovod-0.28.1-*.whl")):  # cached wheel: installing it is cheap
+        proc = subprocess.run(["make", "horovod"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        if proc.returncode == 0:
+            return True, ""
+    return False, "Horovod is not installed and no cached wheel exists (run `make horovod`; the build takes ~10 min)"
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_quick")
+    hvd_ok, why = _horovod_available()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "benchmarks/harness.py", "--quick", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout, hvd_ok, why
+
+
+@pytest.mark.slow
+def test_quick_mode_end_to_end(quick):
+    out, stdout, hvd_ok, _ = quick
+    res = json.loads((out / "results.json").read_text())
+    assert {m["stragglers"] for m in res["cells"]} == {"none", "paper", "heavy"}
+    schemes = {m["scheme"] for m in res["cells"]}
+    assert {"cr_n3_s1", "cr_flat_n6_s1", "tree_n3_s0", "ddp", "gc_s1"} <= schemes
+    for m in res["cells"]:
+        assert m["checksums_agree"], m["id"]  # every rank applied the same updates
+        assert m["matches_replay"], m["id"]  # ... the exact minibatch SGD trajectory
+        assert m["R"] is not None and m["network"] in ("netns", "loopback")
+    heavy = {m["scheme"]: m for m in res["cells"] if m["stragglers"] == "heavy"}
+    assert heavy["ddp"]["step_s"] > 3 * heavy["cr_n3_s1"]["step_s"]  # DDP pays the stall, CodedReduce does not
+    assert all(r["R"] is not None for r in res["ratios"]) and res["own"] and res["goals"]
+    assert res["sim"]["validation"] and res["sim"]["paper_table"] and res["sim"]["sweep"]
+    md = (out / "results.md").read_text()
+    assert "| scheme | R |" in md and "paper 27.2x" in md
+    for png in ("step_times_W7_logreg.png", "time_to_target_W7_logreg.png", "sim_validation.png", "sim_sweep.png"):
+        assert (out / png).stat().st_size > 5000
+    assert "CodedReduce step-time speed-up" in stdout
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert "crbench" not in listed or all(f"crbench{os.getpid()}" not in n for n in listed.split())
+
+
+@pytest.mark.slow
+def test_quick_mode_horovod_baseline(quick):
+    out, _, hvd_ok, why = quick
+    if not hvd_ok:
+        pytest.skip(why)
+    res = json.loads((out / "results.json").read_text())
+    hvd = [m for m in res["cells"] if m["scheme"] == "horovod"]
+    assert len(hvd) == 3 and all(m["checksums_agree"] and m["matches_replay"] for m in hvd)
+    assert res["meta"]["horovod"]["available"]
+
+
+@pytest.mark.slow
+def test_loopback_fallback_is_marked(tmp_path):
+    proc = subprocess.run([sys.executable, "benchmarks/harness.py", "--network", "loopback", "--worlds", "4",
+                           "--stragglers", "none", "--steps", "4", "--schemes", "coded", "allreduce", "--horovod", "off",
+                           "--no-sim", "--no-plots", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=240, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["meta"]["network"]["mode"] == "loopback"
+    assert res["cells"] and all(m["network"] == "loopback" for m in res["cells"])
+    assert "network: **loopback**" in (tmp_path / "results.md").read_text()

@@ -1,0 +1,92 @@
+"""Dead ranks under Lightning: ``SIGKILL`` of a leaf during ``trainer.fit``.
+
+The kill is triggered by training progress, not wall time: the victim writes ``victim_at_step`` at
+step 2 and then sleeps; the test kills it when the file appears (and writes ``killed``); the other
+ranks wait at step 3 until ``killed`` exists, so the death always happens in the middle of epoch 0.
+
+* s=1 (W=4, branching 2: rank 0's children 1 and 2 hold the same data, rank 3 is rank 1's child): the
+  survivors 0, 1, 3 train all 3 epochs with the exact gradient (identical parameters, equal to a
+  single-process reference), ``ModelCheckpoint`` saves at every epoch end and ``last.ckpt``,
+  ``trainer.save_checkpoint`` after fit works, every rank exits 0, and every survivor's
+  ``StragglerMonitor`` file records the death (rank 3 is not linked to rank 2: it learns through the tree).
+* s=0 (W=3): nobody can do without rank 2, so the survivors stop within the reducer's timeout with
+  ``CodedReduceError`` naming rank 2, and exit non-zero.
+"""
+import csv
+import signal
+import time
+
+import pytest
+import torch
+
+from lit_common import reference_train
+from procs import PY, ROOT, clean_env, free_port, run_all
+
+pytestmark = pytest.mark.timeout(240)
+
+WORKER = str(ROOT / "tests" / "cluster_worker.py")
+TIMEOUT = 5.0  # CodedReduceStrategy(timeout=...): seconds of silence before a peer counts as dead
+
+
+def _launch(tmp_path, world, stragglers, victim, epochs=3):
+    port = free_port()
+    cmd = [PY, WORKER, "--scenarios", "fault", "--devices", str(world), "--branching", "2",
+           "--stragglers", str(stragglers), "--victim", str(victim), "--kill-step", "2", "--timeout", str(TIMEOUT),
+           "--epochs", str(epochs), "--out", str(tmp_path)]
+    commands = [(cmd, clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(r),
+                                LOCAL_RANK=str(r))) for r in range(world)]
+
+    def victim_reached_step(out):
+        if (out / "victim_at_step").exists():
+            (out / "killed").write_text(repr(time.time()))
+            return True
+        return False
+
+    group = run_all(commands, tmp_path, timeout=200, actions=[(victim_reached_step, victim, signal.SIGKILL)])
+    assert victim in group.actions_done, "the victim never reached the kill step:\n" + group.outputs[victim][-3000:]
+    return group
+
+
+def test_sigkill_leaf_tolerated_s1(tmp_path):
+    world, victim, survivors = 4, 2, [0, 1, 3]
+    group = _launch(tmp_path, world, stragglers=1, victim=victim)
+    assert group.returncodes[victim] == -signal.SIGKILL
+    group.check(survivors)  # every survivor exits 0
+    res = [group.result("fault", r) for r in survivors]
+    assert all(d["error_type"] is None for d in res)
+    # every epoch finished, exact and identical everywhere
+    assert all(d["epoch"] == 3 and d["global_step"] == 15 for d in res), [(d["epoch"], d["global_step"]) for d in res]
+    assert len({d["hash"] for d in res}) == 1, "survivors ended with different parameters"
+    assert all(d["batches"] == res[0]["batches"] for d in res)
+    ref = reference_train(res[0]["init"], [[b[2]] for b in res[0]["batches"]], lr=0.1)
+    torch.testing.assert_close(torch.tensor(res[0]["params"]), ref, rtol=1e-5, atol=1e-6)
+    # every survivor agrees that rank 2 died (and so skipped Lightning's collectives after it)
+    assert all(d["known_dead"] == [victim] for d in res)
+    # checkpoints: every epoch end (top-1 + last) and trainer.save_checkpoint after fit, written by rank 0
+    ckpts = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert ckpts == ["epoch=2-step=15.ckpt", "last.ckpt"], ckpts
+    final = torch.load(tmp_path / "final.ckpt", map_location="cpu", weights_only=False)
+    assert final["global_step"] == 15 and final["epoch"] == 3
+    params = torch.cat([v.reshape(-1).float() for k, v in final["state_dict"].items()])
+    torch.testing.assert_close(params, torch.tensor(res[0]["params"]), rtol=0, atol=0)
+    # the monitor recorded the death on every survivor, rank 3 included (told through the tree)
+    for r in survivors:
+        with open(tmp_path / "monitor" / f"rank{r}.csv") as f:
+            dead = [row["dead"] for row in csv.DictReader(f) if row["dead"]]
+        assert dead == [str(victim)], f"rank {r}'s monitor file: dead column {dead}"
+    summary = (tmp_path / "monitor" / "summary.txt").read_text()
+    assert "dead ranks tolerated: [2]" in summary
+
+
+def test_sigkill_leaf_stops_everyone_s0(tmp_path):
+    world, victim, survivors = 3, 2, [0, 1]
+    group = _launch(tmp_path, world, stragglers=0, victim=victim)
+    killed = group.actions_done[victim]
+    assert group.returncodes[victim] == -signal.SIGKILL
+    for r in survivors:
+        assert group.returncodes[r] not in (0, None), f"rank {r} exited {group.returncodes[r]}"
+        d = group.result("fault", r)
+        assert d["error_type"] == "CodedReduceError" and "rank 2" in d["error"], d
+        # the error came within the configured timeout, and the process exited soon after (no hang at teardown)
+        assert d["t_error"] - killed < TIMEOUT + 2, d["t_error"] - killed
+        assert group.exit_times[r] - killed < 2 * TIMEOUT + 10, group.exit_times[r] - killed
