@@ -128,6 +128,7 @@ class Link:
                 if not self.closed.is_set():
                     self.events.put(("dead", self.peer, f"send failed: {_short(err)}"))
                 self.closed.set()
+                self._abort()
                 return
             if header.kind == Kind.BYE:
                 return
@@ -151,6 +152,7 @@ class Link:
                 if not self.closed.is_set():
                     self.events.put(("dead", self.peer, _short(err)))
                 self.closed.set()  # nobody will read what we would send: unblock writers
+                self._abort()
                 return
             self.events.put(("frame", self.peer, header, payload))
             if header.kind == Kind.BYE:
@@ -194,16 +196,23 @@ class Link:
         self._rx.join(max(0.0, deadline - time.monotonic()))
         self.closed.set()
         if self.device is not None and (self._rx.is_alive() or self._tx.is_alive()):
-            # an NCCL operation still pending (dead or silent peer) cannot be cancelled: abort the communicators
-            for group in {id(self.group): self.group, id(self.recv_group): self.recv_group}.values():
-                _abort_nccl(group)
+            self._abort()
 
-
-def _abort_nccl(group) -> None:
-    try:
-        group._get_backend(torch.device("cuda")).abort()
-    except Exception:  # best effort: older torch, or already gone
-        pass
+    def _abort(self) -> None:
+        """NCCL: an operation still pending with a dead or silent peer cannot be cancelled, and the process
+        group's watchdog would tear the process down when it times out: abort this link's communicators."""
+        if self.device is None:
+            return
+        for group in {id(self.group): self.group, id(self.recv_group): self.recv_group}.values():
+            if group is None:  # never the default group
+                continue
+            try:
+                group.abort()
+            except Exception:  # best effort: already aborted, or an older torch
+                try:
+                    group._get_backend(torch.device("cuda")).abort()
+                except Exception:
+                    pass
 
 
 def _short(err: Exception) -> str:
