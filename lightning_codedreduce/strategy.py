@@ -761,7 +761,7 @@ class _CodedReduceMixin:
         if self._dead_ranks():
             log.debug(f"[rank {self.global_rank}] barrier skipped: rank(s) {sorted(self._known_dead)} died")
             return
-        return super().barrier(*args, **kwargs)
+        return self._guarded("barrier", super().barrier, *args, **kwargs)
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         dead = self._dead_ranks()
@@ -770,7 +770,7 @@ class _CodedReduceMixin:
                 raise CodedReduceError(f"cannot broadcast from rank {src}: it died during training")
             self._warn_degraded("broadcast")
             return obj
-        return super().broadcast(obj, src)
+        return self._guarded("broadcast", super().broadcast, obj, src)
 
     def all_gather(self, tensor, group: Optional[Any] = None, sync_grads: bool = False):
         if self._dead_ranks():
@@ -804,7 +804,27 @@ class _CodedReduceMixin:
                     f"self.log(..., sync_dist=True) in {lm._current_fx_name} all-reduces on every training step: every "
                     "step then waits for the slowest rank, which undoes CodedReduce's straggler tolerance. Log the "
                     "local value (sync_dist=False), or use on_step=False, on_epoch=True"))
-        return super().reduce(tensor, group=group, reduce_op=reduce_op)
+        return self._guarded("all-reduce", super().reduce, tensor, group=group, reduce_op=reduce_op)
+
+    def _guarded(self, what: str, collective: Callable, *args: Any, **kwargs: Any) -> Any:
+        """A default-group collective during fit that fails because a rank died just before it (before the
+        survivors agreed on the death, see _dead_ranks): say so, instead of gloo's "connection closed"."""
+        try:
+            return collective(*args, **kwargs)
+        except RuntimeError as err:
+            reducer = self.reducer
+            if reducer is None:
+                raise
+            deadline = time.monotonic() + min(self.reduce_timeout, 5.0)  # the news may still be on its way
+            while not reducer.dead and reducer.error is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if not reducer.dead and reducer.error is None:
+                raise
+            raise CodedReduceError(
+                f"Lightning's {what} failed on rank {self.global_rank}: rank(s) {sorted(reducer.dead)} died just before it, "
+                "before every surviving rank had learnt of the death (survivors agree on a death at the next "
+                "training step and then keep collectives away from it). Restart and resume from the last checkpoint "
+                f"(trainer.fit(..., ckpt_path=...)). ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from err
 
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
         if self._dead_ranks():

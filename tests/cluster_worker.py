@@ -131,6 +131,13 @@ class _Fault(pl.Callback):
             deadline = time.monotonic() + 60
             while not os.path.exists(os.path.join(A.out, "killed")) and time.monotonic() < deadline:
                 time.sleep(0.02)
+            # the victim's parent (rank 0 here) waits until it has seen the death, so that the survivors agree
+            # on it from this step on, well before the epoch-end checkpoint's collectives (a death in the very
+            # last step before a collective is the documented limit: see README, When a rank dies)
+            reducer = trainer.strategy.reducer
+            if trainer.global_rank == trainer.strategy.plan.parent(A.victim):
+                while A.victim not in reducer.dead and reducer.error is None and time.monotonic() < deadline:
+                    time.sleep(0.02)
 
 
 def sc_fault(name):

@@ -2,7 +2,8 @@
 
 The kill is triggered by training progress, not wall time: the victim writes ``victim_at_step`` at
 step 2 and then sleeps; the test kills it when the file appears (and writes ``killed``); the other
-ranks wait at step 3 until ``killed`` exists, so the death always happens in the middle of epoch 0.
+ranks wait at step 3 until ``killed`` exists, and the victim's parent until it has seen the death, so
+the death always happens, and is agreed, in the middle of epoch 0.
 
 * s=1 (W=4, branching 2: rank 0's children 1 and 2 hold the same data, rank 3 is rank 1's child): the
   survivors 0, 1, 3 train all 3 epochs with the exact gradient (identical parameters, equal to a
