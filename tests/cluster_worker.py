@@ -7,8 +7,8 @@ Trainer's ``global_rank``). Writes ``<out>/<scenario>.rank<r>.json``.
 Scenarios:
 * ``equiv``: 6 steps from different initial weights per rank (the strategy broadcasts rank 0's);
   records the global batches for the single-process reference.
-* ``fault``: ``--victim`` writes ``<out>/victim_at_step`` at step ``--kill-step`` and then sleeps (the
-  test kills it); the others wait at the next step until the test says it killed it, then train to
+* ``fault``: ``--victim`` writes ``<out>/victim_at_step`` at step ``--kill-step`` (or at the end of
+  epoch 0, ``--kill-at epoch_end``) and then sleeps (the test kills or stops it); the others train to
   the end of ``--epochs`` epochs with ``ModelCheckpoint(save_last=True)`` and a ``StragglerMonitor``, and save
   ``final.ckpt`` with ``trainer.save_checkpoint``. An error is recorded (and the rank exits 1).
 """
@@ -36,7 +36,7 @@ import pytorch_lightning as pl  # noqa: E402
 import lightning_codedreduce  # noqa: E402,F401  (registers "codedreduce")
 from lightning_codedreduce import CodedReduceStrategy  # noqa: E402
 from lightning_codedreduce.callbacks import StragglerMonitor  # noqa: E402
-from lit_common import flat_params, make_dataset, make_net, param_hash  # noqa: E402
+from lit_common import RecordsTraining, flat_params, make_dataset, make_net, param_hash  # noqa: E402
 
 A = None
 
@@ -55,7 +55,7 @@ def write(name, rank, data):
     os.replace(path + ".tmp", path)
 
 
-class Net(pl.LightningModule):
+class Net(RecordsTraining, pl.LightningModule):
     def __init__(self, lr=0.1, rank_init=False, step_delay=0.0):
         super().__init__()
         self.net = make_net(1000 * env_rank() if rank_init else 0)
@@ -71,14 +71,6 @@ class Net(pl.LightningModule):
         if self.step_delay:
             time.sleep(self.step_delay)
         return F.mse_loss(self(x), y)
-
-    def on_train_start(self):
-        if self.init is None:
-            self.init = flat_params(self).tolist()
-
-    def on_train_batch_start(self, batch, batch_idx):
-        sampler = self.trainer.strategy.sampler
-        self.batches.append((self.trainer.current_epoch, batch_idx, sampler.global_batch(batch_idx)))
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
@@ -118,22 +110,32 @@ def sc_equiv(name):
 
 
 class _Fault(pl.Callback):
-    """The victim marks step ``kill_step`` and sleeps (to be killed); the others wait for the kill."""
+    """The victim marks where it is and sleeps there (to be killed or stopped by the test).
+
+    ``--kill-at step``: at step ``--kill-step``; the others wait at the next step until the test says it
+    killed it, and the victim's parent until it has seen the death: the death is agreed mid-epoch, through
+    the reduce steps. ``--kill-at epoch_end``: at the end of epoch 0, before ``ModelCheckpoint`` runs; the
+    others go straight into the checkpoint's collectives and are waiting in them when the victim dies.
+    """
+
+    def _mark_and_sleep(self, trainer):
+        with open(os.path.join(A.out, "victim_at_step"), "w") as f:
+            f.write(str(trainer.global_step))
+        time.sleep(120)  # killed (or stopped) here
 
     def on_train_batch_end(self, trainer, pl_module, *args):
-        if trainer.global_rank == A.victim and trainer.global_step == A.kill_step:
-            with open(os.path.join(A.out, "victim_at_step"), "w") as f:
-                f.write(str(trainer.global_step))
-            time.sleep(120)  # killed here
+        if A.kill_at == "step" and trainer.global_rank == A.victim and trainer.global_step == A.kill_step:
+            self._mark_and_sleep(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if A.kill_at == "epoch_end" and trainer.global_rank == A.victim and trainer.current_epoch == 0:
+            self._mark_and_sleep(trainer)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_rank != A.victim and trainer.global_step == A.kill_step + 1:
+        if A.kill_at == "step" and trainer.global_rank != A.victim and trainer.global_step == A.kill_step + 1:
             deadline = time.monotonic() + 60
             while not os.path.exists(os.path.join(A.out, "killed")) and time.monotonic() < deadline:
                 time.sleep(0.02)
-            # the victim's parent (rank 0 here) waits until it has seen the death, so that the survivors agree
-            # on it from this step on, well before the epoch-end checkpoint's collectives (a death in the very
-            # last step before a collective is the documented limit: see README, When a rank dies)
             reducer = trainer.strategy.reducer
             if trainer.global_rank == trainer.strategy.plan.parent(A.victim):
                 while A.victim not in reducer.dead and reducer.error is None and time.monotonic() < deadline:
@@ -178,6 +180,7 @@ def main():
     p.add_argument("--timeout", type=float, default=20.0)
     p.add_argument("--victim", type=int, default=-1)
     p.add_argument("--kill-step", type=int, default=2)
+    p.add_argument("--kill-at", choices=("step", "epoch_end"), default="step")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--n", type=int, default=40)
     A = p.parse_args()

@@ -31,6 +31,9 @@ def main() -> None:
     p.add_argument("--sleep-once", default="", help="rank:step:seconds")
     p.add_argument("--slow", default="", help="rank:factor (that rank computes factor x longer)")
     p.add_argument("--timeout", type=float, default=20.0)
+    p.add_argument("--gathers", type=int, default=0, help="control collectives after the last step")
+    p.add_argument("--gather-victim", type=int, default=-1,
+                   help="this rank marks gather_victim and sleeps before its first control collective (to be killed)")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -86,6 +89,13 @@ def main() -> None:
             out["hashes"].append(hashlib.sha1(result.numpy().tobytes()).hexdigest()[:16])
             theta -= 0.05 * result / batch
             out["applied_at"].append(time.time())
+        out["gathers"] = []
+        for k in range(a.gathers):
+            if rank == a.gather_victim:
+                open(os.path.join(a.out, "gather_victim"), "w").close()
+                time.sleep(120)
+            values, dead = reducer.all_gather_object({"rank": rank, "k": k})
+            out["gathers"].append({"values": {str(r): v for r, v in sorted(values.items())}, "dead": sorted(dead)})
     except CodedReduceError as err:
         out["error"] = str(err)
         out["error_at"] = time.time()

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from lightning_codedreduce.engine import CodedReduceError, CodedReducer
 from lightning_codedreduce.engine.frames import MAGIC, Header, Kind, fingerprint_int
-from lightning_codedreduce.engine.transport import TAG
+from lightning_codedreduce.engine.transport import TAG, link_groups
 from lightning_codedreduce.plan import CodedReducePlan
 
 
@@ -44,14 +44,15 @@ def main() -> None:
     except CodedReduceError as err:
         results["plans"] = str(err)
     # 2. single bad frames from a faulty peer. The cases are sequenced through files, not collectives:
-    # rank 1 never answers rank 0's heartbeats, so the gloo pair must carry nothing else.
+    # rank 1 never answers rank 0's heartbeats, so the link's gloo pair must carry nothing else.
     plan = CodedReducePlan(2, 2, 1)
     fp = fingerprint_int(plan.fingerprint())
     for number, case in enumerate(("fingerprint", "step", "length", "magic")):
         tag = TAG + 1 + number  # a failed reducer's receive stays posted: each case gets its own tag
         done = os.path.join(out_dir, f"{case}.done")
-        if rank == 1:
-            works = [dist.isend(t, 0, tag=tag) for t in crafted(case, fp)]  # kept alive until rank 0 is done
+        if rank == 1:  # the link's own process group, created as rank 0's reducer creates it
+            send_group, _, _ = link_groups(plan, 1, None, 60)[0]
+            works = [dist.isend(t, 0, group=send_group, tag=tag) for t in crafted(case, fp)]  # alive until rank 0 is done
             while not os.path.exists(done):
                 time.sleep(0.05)
             del works

@@ -38,12 +38,12 @@ from lightning_codedreduce.strategy import strategy_class  # noqa: E402
 # CR_LIGHTNING=lightning.pytorch runs the same scenarios on the unified package, where installed
 pl = importlib.import_module(os.environ.get("CR_LIGHTNING", "pytorch_lightning"))
 CodedReduceStrategy = strategy_class(pl.__name__)
-from lit_common import DIM, flat_params, make_dataset, make_net, param_hash  # noqa: E402
+from lit_common import DIM, RecordsTraining, flat_params, make_dataset, make_net, param_hash  # noqa: E402
 
 A = None  # parsed args
 
 
-class Net(pl.LightningModule):
+class Net(RecordsTraining, pl.LightningModule):
     def __init__(self, lr=0.1, momentum=0.0, delays=None, delay_steps=None, manual=False, step_lr=None,
                  log_sync=False, val=False, init_seed=0, rank_init=False):
         super().__init__()
@@ -97,14 +97,6 @@ class Net(pl.LightningModule):
     def on_validation_start(self):
         loader = self.trainer.val_dataloaders
         self.val_sampler = type(loader.sampler).__name__
-
-    def on_train_start(self):
-        if self.init is None:
-            self.init = flat_params(self).tolist()
-
-    def on_train_batch_start(self, batch, batch_idx):
-        sampler = self.trainer.strategy.sampler
-        self.batches.append((self.trainer.current_epoch, batch_idx, sampler.global_batch(batch_idx)))
 
     def configure_optimizers(self):
         opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)

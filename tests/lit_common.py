@@ -37,6 +37,22 @@ def param_hash(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+class RecordsTraining:
+    """LightningModule mixin: the initial parameters (``init``) and every step's global batch (``batches``,
+    ``(epoch, batch_idx, dataset indices)``), which ``reference_train`` replays in a single process."""
+
+    init: list[float] | None = None
+    batches: list  # set in the module's __init__
+
+    def on_train_start(self):
+        if self.init is None:
+            self.init = flat_params(self).tolist()
+
+    def on_train_batch_start(self, batch, batch_idx):
+        sampler = self.trainer.strategy.sampler
+        self.batches.append((self.trainer.current_epoch, batch_idx, sampler.global_batch(batch_idx)))
+
+
 def reference_train(init: list[float], steps: list[list[list[int]]], *, lr: float, momentum: float = 0.0,
                     clip: float | None = None, step_lr: tuple[int, float] | None = None,
                     n: int = 40, bf16: bool = False, accumulate: int = 1) -> torch.Tensor:

@@ -108,6 +108,24 @@ def test_sigkill_leaf_tolerated_with_s1(tmp_path):
     assert all(len(d["hashes"]) == 120 for d in res.values())
 
 
+def test_leaf_stopped_past_the_timeout_counts_as_dead(tmp_path):
+    # SIGSTOP without SIGCONT: rank 6 (a leaf under rank 2) is silent; after the timeout its parent counts it
+    # dead and the others finish exactly. Each link has a process group of its own: a gloo receive timeout
+    # closes every pair of its group, and must not cut rank 2's healthy link to its parent.
+    def survivors_done(out_dir):
+        return all((out_dir / f"rank{r}.json").exists() for r in range(6))
+
+    run = launch("engine_worker.py", 7, ["--steps", "150", "--compute", "0.03", "--timeout", "5"], tmp_path,
+                 actions=[(training_started, 6, signal.SIGSTOP), (survivors_done, 6, signal.SIGKILL)])
+    survivors = list(range(6))
+    assert all(run.returncodes[r] == 0 for r in survivors), run.outputs
+    res = _results(run, survivors)
+    assert "silent for 5 s" in res[2]["dead"]["6"], res[2]["dead"]
+    assert all(list(d["dead"]) == ["6"] for d in res.values()), {r: d["dead"] for r, d in res.items()}
+    _assert_exact_and_identical(res)
+    assert all(len(d["hashes"]) == 150 for d in res.values())
+
+
 def test_sigkill_leaf_fails_fast_with_s0(tmp_path):
     timeout = 8.0
     killed = []
@@ -126,6 +144,35 @@ def test_sigkill_leaf_fails_fast_with_s0(tmp_path):
         d = run.result(r)
         assert "rank 6" in d["error"], d["error"]
         assert d["error_at"] - killed[0] < timeout + 5, "the error must come within the configured bound"
+
+
+def test_control_collectives_complete_without_a_rank_killed_while_they_wait(tmp_path):
+    # W=7, n=3, s=1: rank 5 (a leaf under rank 1) is killed while the others wait for it in a control collective
+    def victim_waits(out_dir):
+        return (out_dir / "gather_victim").exists()
+
+    run = launch("engine_worker.py", 7, ["--steps", "6", "--gathers", "3", "--gather-victim", "5", "--timeout", "10"],
+                 tmp_path, actions=[(after(1.0, victim_waits), 5, signal.SIGKILL)])
+    assert run.returncodes[5] == -signal.SIGKILL
+    survivors = [r for r in range(7) if r != 5]
+    assert all(run.returncodes[r] == 0 for r in survivors), run.outputs
+    res = _results(run, survivors)
+    for r, d in res.items():
+        assert len(d["gathers"]) == 3, (r, d["error"])
+        for k, g in enumerate(d["gathers"]):
+            assert g["values"] == {str(q): {"rank": q, "k": k} for q in survivors}, (r, k, g)
+            assert g["dead"] == [5], (r, k, g)  # every survivor agrees on who died, rank 6 too (told by the root)
+    _assert_exact_and_identical(res)
+
+
+def test_control_collectives_all_ranks(tmp_path):
+    run = launch("engine_worker.py", 13, ["--n", "3", "--steps", "3", "--gathers", "4"], tmp_path)
+    run.check()
+    res = _results(run, range(13))
+    for d in res.values():
+        assert [g["values"] for g in d["gathers"]] == [{str(q): {"rank": q, "k": k} for q in range(13)}
+                                                       for k in range(4)]
+        assert all(g["dead"] == [] for g in d["gathers"])
 
 
 def test_bad_frames_rejected(tmp_path):

@@ -1,12 +1,12 @@
 """Dead ranks under Lightning: ``SIGKILL`` of a leaf during ``trainer.fit``.
 
-The kill is triggered by training progress, not wall time: the victim writes ``victim_at_step`` at
-step 2 and then sleeps; the test kills it when the file appears (and writes ``killed``); the other
-ranks wait at step 3 until ``killed`` exists, and the victim's parent until it has seen the death, so
-the death always happens, and is agreed, in the middle of epoch 0.
+The kill is triggered by training progress, not wall time: the victim writes ``victim_at_step`` (at
+step 2, or at the end of epoch 0) and then sleeps; the test kills it when the file appears (and writes
+``killed``). See ``tests/cluster_worker.py`` (``_Fault``) for where the others are at that moment.
 
-* s=1 (W=4, branching 2: rank 0's children 1 and 2 hold the same data, rank 3 is rank 1's child): the
-  survivors 0, 1, 3 train all 3 epochs with the exact gradient (identical parameters, equal to a
+* s=1 (W=4, branching 2: rank 0's children 1 and 2 hold the same data, rank 3 is rank 1's child), the
+  victim killed mid-epoch, or killed or stopped while the others wait in the epoch-end checkpoint's
+  collectives (which travel the reduce tree and wait only for live ranks): the survivors 0, 1, 3 train all 3 epochs with the exact gradient (identical parameters, equal to a
   single-process reference), ``ModelCheckpoint`` saves at every epoch end and ``last.ckpt``,
   ``trainer.save_checkpoint`` after fit works, every rank exits 0, and every survivor's
   ``StragglerMonitor`` file records the death (rank 3 is not linked to rank 2: it learns through the tree).
@@ -29,11 +29,11 @@ WORKER = str(ROOT / "tests" / "cluster_worker.py")
 TIMEOUT = 5.0  # CodedReduceStrategy(timeout=...): seconds of silence before a peer counts as dead
 
 
-def _launch(tmp_path, world, stragglers, victim, epochs=3):
+def _launch(tmp_path, world, stragglers, victim, epochs=3, kill_at="step", sig=signal.SIGKILL):
     port = free_port()
     cmd = [PY, WORKER, "--scenarios", "fault", "--devices", str(world), "--branching", "2",
            "--stragglers", str(stragglers), "--victim", str(victim), "--kill-step", "2", "--timeout", str(TIMEOUT),
-           "--epochs", str(epochs), "--out", str(tmp_path)]
+           "--epochs", str(epochs), "--kill-at", kill_at, "--out", str(tmp_path)]
     commands = [(cmd, clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(r),
                                 LOCAL_RANK=str(r))) for r in range(world)]
 
@@ -43,14 +43,25 @@ def _launch(tmp_path, world, stragglers, victim, epochs=3):
             return True
         return False
 
-    group = run_all(commands, tmp_path, timeout=200, actions=[(victim_reached_step, victim, signal.SIGKILL)])
+    def survivors_done(out):  # a stopped victim is killed once the others have finished
+        return all((out / f"fault.rank{r}.json").exists() for r in range(world) if r != victim)
+
+    actions = [(victim_reached_step, victim, sig)]
+    if sig != signal.SIGKILL:
+        actions.append((survivors_done, victim, signal.SIGKILL))
+    group = run_all(commands, tmp_path, timeout=200, actions=actions)
     assert victim in group.actions_done, "the victim never reached the kill step:\n" + group.outputs[victim][-3000:]
     return group
 
 
-def test_sigkill_leaf_tolerated_s1(tmp_path):
+@pytest.mark.parametrize("kill_at,sig", [("step", signal.SIGKILL), ("epoch_end", signal.SIGKILL),
+                                         ("epoch_end", signal.SIGSTOP)])
+def test_dead_leaf_tolerated_s1(tmp_path, kill_at, sig):
+    """``step``: the death is agreed mid-epoch; ``epoch_end``: the survivors are already waiting in
+    ``ModelCheckpoint``'s collectives when the victim dies (or stops: then it counts as dead after the
+    timeout)."""
     world, victim, survivors = 4, 2, [0, 1, 3]
-    group = _launch(tmp_path, world, stragglers=1, victim=victim)
+    group = _launch(tmp_path, world, stragglers=1, victim=victim, kill_at=kill_at, sig=sig)
     assert group.returncodes[victim] == -signal.SIGKILL
     group.check(survivors)  # every survivor exits 0
     res = [group.result("fault", r) for r in survivors]

@@ -68,6 +68,7 @@ def check_pattern(plan, local, ref, dead, rng) -> bool:
     out = simulate(plan, local, dead, rng)
     tolerated = plan.tolerates(dead)
     assert tolerated == (out is not None), f"tolerates({sorted(dead)})={tolerated} but the simulation disagrees"
+    assert tolerated or not plan.survives(dead), f"survives({sorted(dead)}) but the root cannot decode"
     if out is not None:
         np.testing.assert_allclose(out, ref, rtol=1e-9, atol=1e-9 * np.abs(ref).max(), err_msg=f"dead={sorted(dead)}")
     return tolerated
@@ -100,6 +101,13 @@ def test_every_tolerated_pattern_decodes_exactly(cfg, extra, seed):
     for dead in per_parent_patterns(plan, rng, 30):
         assert check_pattern(plan, local, ref, dead, rng), f"dead={sorted(dead)} loses <= tolerance per parent"
     assert not plan.tolerates({0}) and not plan.tolerates(set(others) | {0})
+    # the engine's rule: leaves lost within every parent's tolerance are survived; an orphaned live rank is not
+    leaves = [r for r in others if not plan.children(r)]
+    for dead in per_parent_patterns(plan, rng, 30):
+        assert plan.survives(dead & set(leaves)), f"dead leaves {sorted(dead & set(leaves))}"
+    for r in others:
+        if plan.children(r):
+            assert not plan.survives({r}), f"rank {r}'s children are orphaned"
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])

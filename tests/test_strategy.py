@@ -400,3 +400,26 @@ def test_fork_variant(tmp_path):
     assert res[0]["start_method"] == "fork"
     _assert_identical(res)
     _assert_reference(res, lr=0.1)
+
+
+# ---------------------------------------------------------------- reductions over the tree (pure)
+@pytest.mark.parametrize("op,ref", [
+    ("sum", lambda s: s.sum(0)), ("mean", lambda s: s.mean(0)), ("avg", lambda s: s.mean(0)),
+    (None, lambda s: s.sum(0)), ("max", lambda s: s.amax(0)), ("min", lambda s: s.amin(0)),
+    ("product", lambda s: s.prod(0)), (torch.distributed.ReduceOp.SUM, lambda s: s.sum(0)),
+    (torch.distributed.ReduceOp.MAX, lambda s: s.amax(0)), (torch.distributed.ReduceOp.AVG, lambda s: s.mean(0)),
+])
+def test_tree_reductions_match_torch(op, ref):
+    from lightning_codedreduce.strategy.collectives import combine
+
+    values = [torch.randn(3, 2, generator=torch.Generator().manual_seed(k)) for k in range(5)]
+    torch.testing.assert_close(combine(values, op), ref(torch.stack(values)), rtol=0, atol=1e-6)
+
+
+def test_tree_reduction_refuses_unknown_ops():
+    from lightning_codedreduce.strategy.collectives import combine
+
+    with pytest.raises(ValueError, match="supports reduce_op 'sum', 'mean'"):
+        combine([torch.ones(1)], "median")
+    with pytest.raises(ValueError, match="BAND"):
+        combine([torch.ones(1)], torch.distributed.ReduceOp.BAND)

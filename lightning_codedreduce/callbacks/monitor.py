@@ -200,13 +200,16 @@ class StragglerMonitor(Callback):
                 break
             self._stats[stat.step] = stat
         dead = dict(getattr(reducer, "dead", {}) or {})
+        plan = getattr(reducer, "plan", None)
         for peer in sorted(set(dead) - self._dead_seen):
             self._dead_seen.add(peer)
             # attributed to the newest step this rank reported (rows are written a few steps later)
             at = max(self._pending) if self._pending else self._last_emitted + 1
             self._new_dead.setdefault(at, []).append(peer)
-            log.warning("rank %d: peer rank %d died (%s); CodedReduce tolerated it and goes on",
-                        self._rank, peer, dead[peer])
+            tolerated = plan is None or plan.survives(dead)
+            log.warning("rank %d: peer rank %d died (%s); %s", self._rank, peer, dead[peer],
+                        "CodedReduce tolerated it and goes on" if tolerated else
+                        "the plan cannot do without it: training stops (resume from the last checkpoint)")
 
     def _peek_unfinished(self) -> None:
         """At the end, the engine's last steps are not final yet: read them (racy, but only counters)."""

@@ -1,4 +1,6 @@
-"""Wire format: a fixed int64 header, then (for data frames) one payload tensor. No pickle.
+"""Wire format: a fixed int64 header, then (for data frames) one payload tensor.
+
+Data frames are never pickled; control frames (``CTRL_*``) carry pickled small values, see ``collectives.py``.
 
 Header: ``[MAGIC, fingerprint, kind, step, numel, dtype, src, extra]``. Every frame is checked
 against the receiver's plan fingerprint and link before its payload is used.
@@ -20,9 +22,14 @@ class Kind(enum.IntEnum):
     HEARTBEAT = 3  # liveness while a rank is busy computing
     ABORT = 4  # a rank the plan cannot do without died; ``extra`` names it
     BYE = 5  # orderly shutdown of a link
+    CTRL_UP = 6  # child -> parent: values of a control collective (pickled, see collectives.py)
+    CTRL_DOWN = 7  # parent -> child: a control collective's result
 
 
-DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+WITH_PAYLOAD = (Kind.UP, Kind.DOWN, Kind.CTRL_UP, Kind.CTRL_DOWN)
+
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.uint8]
 
 
 class FrameError(RuntimeError):
@@ -64,7 +71,7 @@ def decode_header(raw: torch.Tensor, fingerprint: int, expected_src: int) -> Hea
         kind = Kind(kind)
     except ValueError:
         raise FrameError(f"malformed frame from rank {src}: unknown kind {kind}") from None
-    if numel < 0 or (kind in (Kind.UP, Kind.DOWN)) != (numel > 0) or not -1 <= dtype < len(DTYPES):
+    if numel < 0 or (kind in WITH_PAYLOAD) != (numel > 0) or not -1 <= dtype < len(DTYPES):
         raise FrameError(f"malformed {kind.name} frame from rank {src}: length {numel}, dtype code {dtype}")
     if step < 0:
         raise FrameError(f"malformed {kind.name} frame from rank {src}: negative step {step}")

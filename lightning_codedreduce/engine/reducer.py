@@ -19,7 +19,9 @@ Protocol (no global barrier):
 * a tolerated death is reported up to the root, which announces it down the tree in order with the
   results: ``dead_since[r]`` is the first step whose result every surviving rank received after
   learning that rank ``r`` died, so all survivors agree on ``agreed_dead(step)`` after applying the
-  same steps (a caller can then avoid collectives that would wait for the dead rank).
+  same steps (a caller can then avoid collectives that would wait for the dead rank);
+* control collectives (``all_gather_object``: barriers, broadcasts, metric reductions) travel the same
+  tree and wait only for live ranks, so a death never blocks them (see ``collectives.py``).
 
 Transports: ``"gloo"`` (default; CUDA tensors are staged through host memory) or ``"nccl"``: the frames
 travel over NCCL, with two 2-rank communicators per tree link (one per direction: a receive pending on
@@ -38,8 +40,9 @@ import torch
 import torch.distributed as dist
 
 from ..plan import CodedReducePlan
+from .collectives import TreeCollectives
 from .frames import FrameError, Header, Kind, fingerprint_int
-from .transport import TAG, Link, check_transport, nccl_link_groups
+from .transport import TAG, Link, check_transport, link_groups
 
 
 class CodedReduceError(RuntimeError):
@@ -74,11 +77,12 @@ class CodedReducer:
             ``timeout / 10`` keep busy but healthy peers alive).
         start_step: first step number (e.g. the global step after a resume).
         max_backlog_bytes: unconsumed results kept before back-pressure.
-        group: process group (default: the world); its size must equal ``plan.world_size``.
-        tag: point-to-point tag of this reducer's frames (two reducers on one group need two tags).
+        group: process group (default: the world); its size must equal ``plan.world_size``. Every tree
+            link gets a 2-rank process group of its own, created here collectively: every rank of the
+            world must create its reducer at the same time.
+        tag: point-to-point tag of this reducer's frames.
         transport: ``"gloo"`` (CPU; CUDA tensors are staged through host memory) or ``"nccl"`` (frames over
-            NCCL, one pair of communicators per tree link, created here collectively: every rank of the
-            world must create its reducer at the same time). ``"nccl"`` needs CUDA and NCCL.
+            NCCL, one pair of communicators per tree link). ``"nccl"`` needs CUDA and NCCL.
     """
 
     def __init__(self, plan: CodedReducePlan, *, timeout: float = 30.0, start_step: int = 0,
@@ -122,16 +126,17 @@ class CodedReducer:
         self._backlog = 0
         self._max_backlog = max_backlog_bytes
         self._next_step = start_step
+        self._control = TreeCollectives(self)
         self.transport = transport
         parent = plan.parent(self.rank)
         hb = max(0.05, timeout / 10)
-        links = nccl_link_groups(plan, self.rank, group, timeout) if transport == "nccl" else {}
+        links = link_groups(plan, self.rank, group, timeout, transport)
         device = torch.device("cuda", torch.cuda.current_device()) if transport == "nccl" else None
 
         def link(peer, **kw):
-            send_group, recv_group = links.get(peer, (group, group))
+            send_group, recv_group, peer_global = links[peer]
             return Link(self.rank, peer, self._fp, self._events, timeout, hb, group=send_group, tag=tag,
-                        recv_group=recv_group, device=device, **kw)
+                        recv_group=recv_group, device=device, peer_global=peer_global, **kw)
 
         self._parent = None if parent is None else link(parent, before_receive=self._room_for_results)
         self._children = {c: link(c) for c in plan.children(self.rank)}
@@ -212,6 +217,11 @@ class CodedReducer:
         with self._cond:
             return {r for r, s in self._dead_since.items() if s <= step}
 
+    def all_gather_object(self, obj) -> tuple[dict, frozenset[int]]:
+        """A collective over the tree that waits only for live ranks: ``({rank: obj} of every survivor,
+        ranks known dead)``, the same on every survivor. Every rank must call it in the same order."""
+        return self._control.all_gather_object(obj)
+
     def abort(self, reason: str) -> None:
         """Stop every rank: this rank failed (e.g. an exception in training) and the plan may need it."""
         self._events.put(("abort", reason))
@@ -258,6 +268,8 @@ class CodedReducer:
                     self._on_local(*event[1:])
                 elif kind == "frame":
                     self._on_frame(*event[1:])
+                elif kind == "ctrl":
+                    self._control.on_local(event[1], event[2])
                 elif kind == "dead":
                     self._on_dead(event[1], event[2])
                 elif kind == "bad":
@@ -265,6 +277,7 @@ class CodedReducer:
                 elif kind == "abort":
                     self._fail(f"CodedReduce stopped: rank {self.rank} aborted ({event[1]})", culprit=self.rank)
                 self._try_decode()
+                self._control.advance()
             except FrameError as err:
                 self._fail(f"rank {self.rank}: {err}", culprit=event[1] if len(event) > 1 else -1)
             except Exception as err:  # pragma: no cover - a bug must surface, not hang
@@ -296,6 +309,9 @@ class CodedReducer:
             who = "a rank" if header.extra < 0 else f"rank {header.extra}"
             self._fail(f"CodedReduce stopped: {who} failed (reported to rank {self.rank} via rank {src})",
                        culprit=header.extra, forward_from=src)
+            return
+        if header.kind in (Kind.CTRL_UP, Kind.CTRL_DOWN):
+            self._control.on_frame(src, header, payload)
             return
         if header.kind == Kind.DOWN:
             if src != self.plan.parent(self.rank):
@@ -403,13 +419,7 @@ class CodedReducer:
     # the next DOWN result, so that every survivor learns of the death at the same step.
     def _spread_death(self, peer: int) -> None:
         if self._parent is None:  # the root: the news goes out before the next result it publishes
-            if peer in self._dead_since:
-                return
-            with self._cond:
-                self._dead_since[peer] = self._decode_step
-            for link in self._children.values():
-                if link.peer not in self.dead:
-                    link.send(Header(Kind.HEARTBEAT, 0, 0, None, self.rank, extra=peer))
+            self._announce_down(peer, since=self._decode_step)
         elif peer not in self._reported_up:
             self._reported_up.add(peer)
             self._parent.send(Header(Kind.HEARTBEAT, 0, 0, None, self.rank, extra=peer))
@@ -422,11 +432,14 @@ class CodedReducer:
         if src in self._children or self._parent is None:
             self._spread_death(peer)  # on its way up (or arrived at the root)
             return
-        # from the parent: the root's announcement, in order with the results
+        self._announce_down(peer, since=self._next_down)  # from the parent: the root's announcement
+
+    def _announce_down(self, peer: int, since: int) -> None:
+        """Record that ``peer`` died as of step ``since`` and pass the news on to the children, ahead of that step's result."""
         if peer in self._dead_since:
             return
         with self._cond:
-            self._dead_since[peer] = self._next_down
+            self._dead_since[peer] = since
         for link in self._children.values():
             if link.peer not in self.dead:
                 link.send(Header(Kind.HEARTBEAT, 0, 0, None, self.rank, extra=peer))

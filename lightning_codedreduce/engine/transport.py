@@ -6,8 +6,9 @@ queue is bounded (back-pressure instead of unbounded memory). An idle sender sen
 a receiver that hears nothing for ``timeout`` seconds knows its peer is dead or stopped. Every
 failure is reported as an event, never raised inside a thread.
 
-Transports: ``"gloo"`` (CPU tensors; the default) and ``"nccl"``: each direction of a link has its own
-2-rank NCCL communicator (a receive pending on a communicator's stream would block later operations
+Every link has a 2-rank process group of its own (see ``link_groups``: a gloo receive timeout closes
+every pair of its group). Transports: ``"gloo"`` (CPU tensors; the default) and ``"nccl"``: each
+direction of a link has its own 2-rank NCCL communicator (a receive pending on a communicator's stream would block later operations
 on it, i.e. the link's own sends), frames are copied to the GPU to be sent and back to host memory
 when received; completion is polled, so a silent peer is still detected after ``timeout``.
 """
@@ -42,15 +43,20 @@ def check_transport(transport: str) -> None:
                                "is False); use transport='gloo'")
 
 
-def nccl_link_groups(plan, rank: int, group, timeout: float) -> dict:
-    """Create the NCCL communicators of every tree link, collectively (all ranks, the same order).
+def link_groups(plan, rank: int, group, timeout: float, transport: str = "gloo") -> dict:
+    """Create the process groups of every tree link, collectively (every rank, the same order).
 
-    Returns ``{peer: (send_group, recv_group)}`` for this rank's links: per link one group for the
-    parent-to-child direction and one for child-to-parent.
+    Every link gets communicators of its own. gloo, when a receive times out, closes *every* pair of its
+    context ("Application timeout caused pair closure"): on one shared group, a peer silent for longer
+    than the timeout would cut this rank's healthy links too. NCCL: one group per direction (a receive
+    pending on a communicator's stream would block that communicator's sends).
+
+    Returns ``{peer: (send_group, recv_group, peer_global_rank)}`` for this rank's links.
     """
     def global_rank(r: int) -> int:
         return r if group is None else dist.get_global_rank(group, r)
 
+    backend = "nccl" if transport == "nccl" else "gloo"
     pg_timeout = datetime.timedelta(seconds=max(600.0, 20 * timeout))  # the links do their own timeouts
     out: dict[int, tuple] = {}
     for child in range(plan.world_size):  # the same order on every rank: new_group is collective
@@ -58,12 +64,12 @@ def nccl_link_groups(plan, rank: int, group, timeout: float) -> dict:
         if parent is None:
             continue
         ranks = sorted((global_rank(parent), global_rank(child)))
-        down = dist.new_group(ranks, backend="nccl", timeout=pg_timeout)
-        up = dist.new_group(ranks, backend="nccl", timeout=pg_timeout)
+        down = dist.new_group(ranks, backend=backend, timeout=pg_timeout)
+        up = dist.new_group(ranks, backend=backend, timeout=pg_timeout) if backend == "nccl" else down
         if rank == parent:
-            out[child] = (down, up)
+            out[child] = (down, up, global_rank(child))
         elif rank == child:
-            out[parent] = (up, down)
+            out[parent] = (up, down, global_rank(parent))
     return out
 
 
@@ -73,9 +79,10 @@ class Link:
     def __init__(self, rank: int, peer: int, fingerprint: int, events: queue.Queue, timeout: float,
                  heartbeat: float, max_queued: int = 64, group=None, tag: int = TAG,
                  before_receive: Callable[[], None] | None = None, recv_group=None,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, peer_global: int | None = None):
         self.rank = rank
-        self.peer = peer
+        self.peer = peer  # the peer's rank in the reducer's group (frames name it)
+        self.peer_global = peer if peer_global is None else peer_global  # what torch.distributed addresses
         self.device = device  # None: gloo, CPU tensors; a CUDA device: NCCL (send_group/recv_group)
         self.recv_group = group if recv_group is None else recv_group
         self.heartbeat = heartbeat
@@ -126,7 +133,7 @@ class Link:
                     self._send(payload)
             except Exception as err:  # peer died or link broke: report, stop using the link
                 if not self.closed.is_set():
-                    self.events.put(("dead", self.peer, f"send failed: {_short(err)}"))
+                    self.events.put(("dead", self.peer, self._why(err, "send failed: ")))
                 self.closed.set()
                 self._abort()
                 return
@@ -150,7 +157,7 @@ class Link:
                 return
             except Exception as err:
                 if not self.closed.is_set():
-                    self.events.put(("dead", self.peer, _short(err)))
+                    self.events.put(("dead", self.peer, self._why(err)))
                 self.closed.set()  # nobody will read what we would send: unblock writers
                 self._abort()
                 return
@@ -158,23 +165,29 @@ class Link:
             if header.kind == Kind.BYE:
                 return
 
+    def _why(self, err: Exception, prefix: str = "") -> str:
+        text = _short(err)
+        if "Application timeout" in text or "Timed out waiting" in text or isinstance(err, TimeoutError):
+            return f"silent for {self.timeout.total_seconds():g} s (stopped, hung or unreachable)"
+        return prefix + text
+
     def _wait(self, work) -> None:
         work.wait(self.timeout)  # silence longer than the timeout (no heartbeat either) means dead
 
     def _send(self, tensor: torch.Tensor) -> None:
         if self.device is None:
-            dist.isend(tensor, self.peer, group=self.group, tag=self.tag).wait()
+            dist.isend(tensor, self.peer_global, group=self.group, tag=self.tag).wait()
             return
         staged = tensor.to(self.device)
-        self._poll(dist.isend(staged, self.peer, group=self.group), None)
+        self._poll(dist.isend(staged, self.peer_global, group=self.group), None)
 
     def _receive(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         if self.device is None:
             buf = torch.empty(numel, dtype=dtype)
-            self._wait(dist.irecv(buf, self.peer, group=self.recv_group, tag=self.tag))
+            self._wait(dist.irecv(buf, self.peer_global, group=self.recv_group, tag=self.tag))
             return buf
         buf = torch.empty(numel, dtype=dtype, device=self.device)
-        self._poll(dist.irecv(buf, self.peer, group=self.recv_group), self.timeout.total_seconds())
+        self._poll(dist.irecv(buf, self.peer_global, group=self.recv_group), self.timeout.total_seconds())
         return buf.cpu()
 
     def _poll(self, work, timeout: float | None) -> None:

@@ -226,6 +226,22 @@ class CodedReducePlan:
             return False
         return self._decodes(0, dead)
 
+    def survives(self, dead) -> bool:
+        """Whether the reduce goes on when the ranks in ``dead`` are gone, by the engine's rule: every live
+        rank's parent is alive and every live parent decodes from its live children. Stricter than
+        ``tolerates`` (the root could decode without a whole subtree, but its orphans cannot go on)."""
+        dead = set(dead)
+        for rank in range(self.world_size):
+            if rank in dead:
+                continue
+            parent = self.parent(rank)
+            if parent is not None and parent in dead:
+                return False
+            alive = [c for c in self.children(rank) if c not in dead]
+            if self.children(rank) and self.decoder(rank, alive) is None:
+                return False
+        return True
+
     def _decodes(self, rank: int, dead: set[int]) -> bool:
         # a child that cannot decode never sends either: it counts as a straggler of its parent
         sending = [c for c in self.children(rank) if c not in dead and self._decodes(c, dead)]
