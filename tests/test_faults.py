@@ -92,9 +92,10 @@ def test_dead_leaf_tolerated_s1(tmp_path, kill_at, sig):
     assert "dead ranks tolerated: [2]" in summary
 
 
-def test_sigkill_leaf_stops_everyone_s0(tmp_path):
+@pytest.mark.parametrize("kill_at", ["step", "epoch_end"])
+def test_sigkill_leaf_stops_everyone_s0(tmp_path, kill_at):
     world, victim, survivors = 3, 2, [0, 1]
-    group = _launch(tmp_path, world, stragglers=0, victim=victim)
+    group = _launch(tmp_path, world, stragglers=0, victim=victim, kill_at=kill_at)
     killed = group.actions_done[victim]
     assert group.returncodes[victim] == -signal.SIGKILL
     for r in survivors:
