@@ -122,6 +122,8 @@ class _Fault(pl.Callback):
     others go straight into the checkpoint's collectives and are waiting in them when the victim dies.
     ``--kill-at validation``: as validation of epoch 0 starts (validation logs ``val_loss`` with
     ``sync_dist=True``, ``EarlyStopping`` and ``ModelCheckpoint`` decide on it after it).
+    ``--kill-at anywhere``: the victim marks step 1 and trains on (with validation); the test kills it
+    some time later, wherever it is; it waits at the end of training so that it dies during training.
     """
 
     def _mark_and_sleep(self, trainer):
@@ -132,6 +134,13 @@ class _Fault(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, *args):
         if A.kill_at == "step" and trainer.global_rank == A.victim and trainer.global_step == A.kill_step:
             self._mark_and_sleep(trainer)
+        if A.kill_at == "anywhere" and trainer.global_rank == A.victim and trainer.global_step == 1:
+            with open(os.path.join(A.out, "victim_at_step"), "w") as f:
+                f.write("1")  # the test kills this rank some time later, wherever it is then
+
+    def on_train_end(self, trainer, pl_module):
+        if A.kill_at == "anywhere" and trainer.global_rank == A.victim:
+            time.sleep(120)  # never past the end of training: it dies during training, as the test wants
 
     def on_train_epoch_end(self, trainer, pl_module):
         if A.kill_at == "epoch_end" and trainer.global_rank == A.victim and trainer.current_epoch == 0:
@@ -156,7 +165,7 @@ def sc_fault(name):
     from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
     rank = env_rank()
-    validate = A.kill_at == "validation"
+    validate = A.kill_at in ("validation", "anywhere")
     strategy = CodedReduceStrategy(branching=A.branching, stragglers=A.stragglers, timeout=A.timeout)
     monitor = StragglerMonitor(os.path.join(A.out, "monitor"), stale_s=1.0, merge_timeout=10.0, summary=False)
     ckpt = ModelCheckpoint(dirpath=os.path.join(A.out, "ckpt"), save_last=True, save_top_k=1)
@@ -192,7 +201,7 @@ def main():
     p.add_argument("--timeout", type=float, default=20.0)
     p.add_argument("--victim", type=int, default=-1)
     p.add_argument("--kill-step", type=int, default=2)
-    p.add_argument("--kill-at", choices=("step", "epoch_end", "validation"), default="step")
+    p.add_argument("--kill-at", choices=("step", "epoch_end", "validation", "anywhere"), default="step")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--n", type=int, default=40)
     A = p.parse_args()

@@ -29,7 +29,7 @@ WORKER = str(ROOT / "tests" / "cluster_worker.py")
 TIMEOUT = 5.0  # CodedReduceStrategy(timeout=...): seconds of silence before a peer counts as dead
 
 
-def _launch(tmp_path, world, stragglers, victim, epochs=3, kill_at="step", sig=signal.SIGKILL):
+def _launch(tmp_path, world, stragglers, victim, epochs=3, kill_at="step", sig=signal.SIGKILL, delay=0.0):
     port = free_port()
     cmd = [PY, WORKER, "--scenarios", "fault", "--devices", str(world), "--branching", "2",
            "--stragglers", str(stragglers), "--victim", str(victim), "--kill-step", "2", "--timeout", str(TIMEOUT),
@@ -37,8 +37,12 @@ def _launch(tmp_path, world, stragglers, victim, epochs=3, kill_at="step", sig=s
     commands = [(cmd, clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(r),
                                 LOCAL_RANK=str(r))) for r in range(world)]
 
-    def victim_reached_step(out):
-        if (out / "victim_at_step").exists():
+    seen = []
+
+    def victim_reached_step(out):  # then ``delay`` seconds later
+        if not seen and (out / "victim_at_step").exists():
+            seen.append(time.monotonic())
+        if seen and time.monotonic() - seen[0] >= delay:
             (out / "killed").write_text(repr(time.time()))
             return True
         return False
@@ -62,27 +66,9 @@ def test_dead_leaf_tolerated_s1(tmp_path, kill_at, sig):
     timeout); ``validation``: in validation's ``sync_dist`` and ``EarlyStopping``'s decision."""
     world, victim, survivors = 4, 2, [0, 1, 3]
     group = _launch(tmp_path, world, stragglers=1, victim=victim, kill_at=kill_at, sig=sig)
-    assert group.returncodes[victim] == -signal.SIGKILL
-    group.check(survivors)  # every survivor exits 0
-    res = [group.result("fault", r) for r in survivors]
-    assert all(d["error_type"] is None for d in res)
-    # every epoch finished, exact and identical everywhere
-    assert all(d["epoch"] == 3 and d["global_step"] == 15 for d in res), [(d["epoch"], d["global_step"]) for d in res]
-    assert len({d["hash"] for d in res}) == 1, "survivors ended with different parameters"
-    assert all(d["batches"] == res[0]["batches"] for d in res)
-    ref = reference_train(res[0]["init"], [[b[2]] for b in res[0]["batches"]], lr=0.1)
-    torch.testing.assert_close(torch.tensor(res[0]["params"]), ref, rtol=1e-5, atol=1e-6)
-    # every survivor agrees that rank 2 died (and so skipped Lightning's collectives after it)
-    assert all(d["known_dead"] == [victim] for d in res)
+    res = _check_survivors(group, tmp_path, victim, survivors)
     if kill_at == "validation":  # synchronised over the survivors: the same value everywhere
         assert all(d["metrics"]["val_loss"] == res[0]["metrics"]["val_loss"] for d in res)
-    # checkpoints: every epoch end (top-1 + last) and trainer.save_checkpoint after fit, written by rank 0
-    ckpts = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
-    assert ckpts == ["epoch=2-step=15.ckpt", "last.ckpt"], ckpts
-    final = torch.load(tmp_path / "final.ckpt", map_location="cpu", weights_only=False)
-    assert final["global_step"] == 15 and final["epoch"] == 3
-    params = torch.cat([v.reshape(-1).float() for k, v in final["state_dict"].items()])
-    torch.testing.assert_close(params, torch.tensor(res[0]["params"]), rtol=0, atol=0)
     # the monitor recorded the death on every survivor, rank 3 included (told through the tree)
     for r in survivors:
         with open(tmp_path / "monitor" / f"rank{r}.csv") as f:
@@ -90,6 +76,39 @@ def test_dead_leaf_tolerated_s1(tmp_path, kill_at, sig):
         assert dead == [str(victim)], f"rank {r}'s monitor file: dead column {dead}"
     summary = (tmp_path / "monitor" / "summary.txt").read_text()
     assert "dead ranks tolerated: [2]" in summary
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.4, 0.9, 1.5, 2.5])
+def test_sigkill_leaf_at_arbitrary_moments_s1(tmp_path, delay):
+    """The victim does not wait to be killed: it trains on (with validation, checkpoints and early stopping)
+    and is killed ``delay`` seconds after step 1, wherever it is then: in a step, in validation, in a
+    checkpoint's collectives (it is never let past the end of training: there it waits)."""
+    world, victim, survivors = 4, 2, [0, 1, 3]
+    group = _launch(tmp_path, world, stragglers=1, victim=victim, kill_at="anywhere", delay=delay)
+    _check_survivors(group, tmp_path, victim, survivors)
+
+
+def _check_survivors(group, tmp_path, victim, survivors) -> list[dict]:
+    """Every survivor exits 0 after every epoch, with identical parameters equal to the reference, agreeing on
+    who died; checkpoints at every epoch end and after fit."""
+    assert group.returncodes[victim] == -signal.SIGKILL
+    group.check(survivors)
+    res = [group.result("fault", r) for r in survivors]
+    assert all(d["error_type"] is None for d in res)
+    assert all(d["epoch"] == 3 and d["global_step"] == 15 for d in res), [(d["epoch"], d["global_step"]) for d in res]
+    assert len({d["hash"] for d in res}) == 1, "survivors ended with different parameters"
+    assert all(d["batches"] == res[0]["batches"] for d in res)
+    ref = reference_train(res[0]["init"], [[b[2]] for b in res[0]["batches"]], lr=0.1)
+    torch.testing.assert_close(torch.tensor(res[0]["params"]), ref, rtol=1e-5, atol=1e-6)
+    # every survivor agrees that rank 2 died (and so keeps Lightning's collectives after fit away from it)
+    assert all(d["known_dead"] == [victim] for d in res)
+    ckpts = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert ckpts == ["epoch=2-step=15.ckpt", "last.ckpt"], ckpts
+    final = torch.load(tmp_path / "final.ckpt", map_location="cpu", weights_only=False)
+    assert final["global_step"] == 15 and final["epoch"] == 3
+    params = torch.cat([v.reshape(-1).float() for k, v in final["state_dict"].items()])
+    torch.testing.assert_close(params, torch.tensor(res[0]["params"]), rtol=0, atol=0)
+    return res
 
 
 @pytest.mark.parametrize("kill_at", ["step", "epoch_end"])
