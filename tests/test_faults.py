@@ -86,6 +86,8 @@ def test_sigkill_leaf_at_arbitrary_moments_s1(tmp_path, delay):
     world, victim, survivors = 4, 2, [0, 1, 3]
     group = _launch(tmp_path, world, stragglers=1, victim=victim, kill_at="anywhere", delay=delay)
     _check_survivors(group, tmp_path, victim, survivors)
+    # the summary names the death, even one found only at the end of training (no step row saw it)
+    assert f"dead ranks tolerated: [{victim}]" in (tmp_path / "monitor" / "summary.txt").read_text()
 
 
 def _check_survivors(group, tmp_path, victim, survivors) -> list[dict]:

@@ -38,7 +38,7 @@ import csv
 import logging
 import os
 import time
-
+from collections.abc import Sequence
 
 from ._clock import GradClock
 from .report import COLUMNS, _fmt, _ids, _num, _parse_ids, format_summary, merge_csv, plot_stragglers, read_rows, summarize
@@ -327,7 +327,9 @@ class StragglerMonitor(Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if self._rank == 0 and self.csv_path is not None:
-            self._merge_and_report(self.merge_timeout, failed=False)
+            # the strategy's agreement at the end of training may name a death that no step row saw
+            dead = sorted(getattr(trainer.strategy, "_known_dead", ()))
+            self._merge_and_report(self.merge_timeout, failed=False, dead=dead)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._clock.detach()
@@ -362,7 +364,7 @@ class StragglerMonitor(Callback):
                 return missing
             time.sleep(0.1)
 
-    def _merge_and_report(self, timeout: float, failed: bool) -> None:
+    def _merge_and_report(self, timeout: float, failed: bool, dead: Sequence[int] = ()) -> None:
         missing = self._wait_for_ranks(timeout)
         paths = [os.path.join(self._dir, f"rank{r}.csv") for r in range(self._world)]
         merge_csv([p for p in paths if os.path.exists(p)], self.merged_path)
@@ -379,7 +381,7 @@ class StragglerMonitor(Callback):
             shown = self.merged_path
         if shown.startswith(os.pardir):
             shown = self.merged_path
-        self.summary_text = format_summary(self.summary, title=f"straggler summary ({shown})", notes=note)
+        self.summary_text = format_summary(self.summary, title=f"straggler summary ({shown})", notes=note, dead=dead)
         with open(os.path.join(self._dir, "summary.txt"), "w") as f:
             f.write(self.summary_text + "\n")
         if self.print_summary:

@@ -111,8 +111,10 @@ def summarize(rows: Sequence[dict], world_size: int | None = None) -> list[dict]
     return result
 
 
-def format_summary(summary: Sequence[dict], title: str = "straggler summary", notes: Sequence[str] = ()) -> str:
-    """A plain-text table of :func:`summarize`'s output."""
+def format_summary(summary: Sequence[dict], title: str = "straggler summary", notes: Sequence[str] = (),
+                   dead: Sequence[int] = ()) -> str:
+    """A plain-text table of :func:`summarize`'s output; ``dead``: ranks known dead besides those in the rows
+    (a death found only at the end of training has no row)."""
     head = ("rank", "steps", "skipped", "compute", "injected", "straggled", "wait total", "wait max", "dropped",
             "saved")
     lines = []
@@ -139,7 +141,7 @@ def format_summary(summary: Sequence[dict], title: str = "straggler summary", no
     out.append(f"stragglers (dropped by their parent): {who}")
     out.append(f"time saved against waiting for every child: {total_saved:.2f} s summed over parents and steps"
                + (" (* includes lower bounds: the child never sent)" if any(s["saved_lower_bound"] for s in summary) else ""))
-    dead = sorted({d for s in summary for d in s["dead_seen"]})
+    dead = sorted({d for s in summary for d in s["dead_seen"]} | set(dead))
     if dead:
         out.append(f"dead ranks tolerated: {dead}")
     out.extend(notes)
