@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
 
@@ -44,7 +44,7 @@ class Block:
     matrix: np.ndarray  # float64, shape (m, m)
     kind: str  # "frc" or "remainder"
 
-    @property
+    @cached_property  # read on every arrival at a parent: look it up once
     def table(self) -> dict[int, np.ndarray]:
         """Decoding vector (float64) for every decodable bitmask of this block's slots."""
         return decoding_table(self.kind, self.matrix.tobytes(), len(self.slots))
@@ -72,8 +72,16 @@ class Code:
 
     def support(self, slot: int) -> list[tuple[int, float]]:
         """``(part, coefficient)`` pairs child ``slot`` must combine (its row's nonzeros)."""
-        row = self.matrix[slot]
-        return [(j, float(row[j])) for j in np.flatnonzero(row)]
+        return list(self._supports[slot])
+
+    @cached_property
+    def _supports(self) -> tuple[tuple[tuple[int, float], ...], ...]:
+        """Every row's nonzeros, from the blocks (no k x k matrix: parents may have thousands of children)."""
+        rows: list[tuple[tuple[int, float], ...]] = [()] * self.k
+        for b in self.blocks:
+            for i, slot in enumerate(b.slots):
+                rows[slot] = tuple((b.slots[j], float(b.matrix[i, j])) for j in np.flatnonzero(b.matrix[i]))
+        return tuple(rows)
 
     def decode(self, arrived: frozenset[int]) -> dict[int, float] | None:
         """Coefficients per arrived slot, or ``None`` when ``arrived`` does not determine the sum."""
