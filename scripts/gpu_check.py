@@ -10,7 +10,8 @@ machine) and compares against a single-process reference:
 1. ``engine-gloo``: ``CodedReducer`` with CUDA tensors, staged through host memory (transport="gloo"),
    a (3,1) block code when W=4 or FRC pairs when W=3: every rank gets the exact global sum (float64
    reference, relative error < 1e-6), identical bytes on every rank, on the caller's device and
-   dtype (a bf16 tensor in the list comes back as bf16).
+   dtype (a bf16 tensor in the list comes back as bf16); then one control collective over the same
+   links (``all_gather_object``: every rank's value, no dead rank).
 2. ``engine-nccl``: the same over transport="nccl" (two 2-rank communicators per tree link). NCCL
    refuses two ranks of one communicator on the same GPU ("Duplicate GPU detected"), so with fewer
    GPUs than ranks this check is tried and reported as SKIP with that reason.
@@ -91,10 +92,13 @@ def worker_engine(a) -> dict:
         exact = expected * scale
         errors.append(float((out.double().cpu() - exact).norm() / exact.norm()))
         hashes.append(hashlib.sha256(out.cpu().numpy().tobytes()).hexdigest()[:16])
+    # a control collective over the same links (Lightning's barriers and broadcasts travel these during fit)
+    values, dead = reducer.all_gather_object({"rank": rank, "token": f"r{rank}"})
+    collective_ok = values == {r: {"rank": r, "token": f"r{r}"} for r in range(world)} and not dead
     reducer.close()
     dist.destroy_process_group()
     return {"rank": rank, "errors": errors, "hashes": hashes, "times": times, "devices": devices,
-            "expected_device": str(device), "transport": a.transport, "plan": repr(plan)}
+            "expected_device": str(device), "transport": a.transport, "plan": repr(plan), "collective": collective_ok}
 
 
 def worker_lightning(a) -> dict:
@@ -218,9 +222,10 @@ def check_engine(a, out: Path, transport: str) -> tuple[str, str]:
     same = all(d["hashes"] == res[0]["hashes"] for d in res)
     placed = all(dev == [d["expected_device"], d["expected_device"], "torch.bfloat16"] for d in res for dev in d["devices"])
     step_ms = 1e3 * sum(sum(d["times"][1:]) for d in res) / sum(len(d["times"][1:]) for d in res)
+    collective = all(d["collective"] for d in res)
     detail = f"{res[0]['plan']}; max rel. error {worst:.1e}; identical on all ranks: {same}; results on " \
-             f"{res[0]['expected_device']}: {placed}; {step_ms:.1f} ms per reduce of 64k floats"
-    return ("PASS" if worst < 1e-6 and same and placed else "FAIL"), detail
+             f"{res[0]['expected_device']}: {placed}; tree collective: {collective}; {step_ms:.1f} ms per reduce of 64k floats"
+    return ("PASS" if worst < 1e-6 and same and placed and collective else "FAIL"), detail
 
 
 def check_lightning(a, out: Path, kind: str, transport: str, precision: str) -> tuple[str, str]:
