@@ -65,15 +65,7 @@ class TreeCollectives:
         seq, self._next_call = self._next_call, self._next_call + 1
         r._events.put(("ctrl", seq, obj))
         with r._cond:
-            while seq not in self._results:
-                r._raise_if_failed()
-                parent = r.plan.parent(r.rank)
-                if parent in r._finished:
-                    from .reducer import CodedReduceError
-
-                    raise CodedReduceError(f"parent rank {parent} closed its reducer before collective {seq} completed "
-                                           f"(rank {r.rank} called more collectives than its peers?)")
-                r._cond.wait(0.5)
+            r._wait_until(lambda: seq in self._results, f"collective {seq} completed")
             return self._results.pop(seq)
 
     # ------------------------------------------------------------------ protocol thread
@@ -136,7 +128,12 @@ class TreeCollectives:
             obj = unpack(payload)
         except Exception as err:
             raise FrameError(f"unreadable control frame from rank {src}: {err!r}") from None
-        values = obj[0] if down and isinstance(obj, tuple) and len(obj) == 2 else obj
+        if down:  # (values, dead ranks) from the root
+            if not (isinstance(obj, tuple) and len(obj) == 2):
+                raise FrameError(f"malformed control frame from rank {src}")
+            values, dead = obj
+        else:
+            values, dead = obj, ()
         if not isinstance(values, dict) or not all(isinstance(k, int) for k in values):
             raise FrameError(f"malformed control frame from rank {src}")
-        return (values, frozenset(obj[1])) if down else values
+        return (values, frozenset(dead)) if down else values

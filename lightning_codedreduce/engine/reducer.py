@@ -182,16 +182,8 @@ class CodedReducer:
         """Block until ``step`` is reduced and return its (flat, CPU) result; consumes it."""
         if step != self._next_step:
             raise ValueError(f"result(step={step}) out of order: the next step to apply is {self._next_step}")
-        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while step not in self._results:
-                self._raise_if_failed()
-                if self.plan.parent(self.rank) in self._finished:
-                    raise CodedReduceError(f"parent rank {self.plan.parent(self.rank)} finished before step {step} "
-                                           f"was reduced (rank {self.rank} asked for more steps than its peers?)")
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(f"step {step} not reduced within {timeout} s")
-                self._cond.wait(0.5)
+            self._wait_until(lambda: step in self._results, f"step {step} was reduced", timeout)
             out = self._results.pop(step)
             self._backlog -= out.numel() * out.element_size()
             self._next_step = step + 1
@@ -455,6 +447,20 @@ class CodedReducer:
             self._cond.notify_all()
 
     # ------------------------------------------------------------------ helpers
+    def _wait_until(self, done, what: str, timeout: float | None = None) -> None:
+        """Hold ``_cond`` and wait until ``done()``; raise if the reduce failed, or if the parent closed
+        (or ``timeout`` passed) before ``what``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not done():
+            self._raise_if_failed()
+            parent = self.plan.parent(self.rank)
+            if parent in self._finished:
+                raise CodedReduceError(f"parent rank {parent} finished before {what} (rank {self.rank} asked for "
+                                       "more than its peers?)")
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"not done within {timeout} s: {what}")
+            self._cond.wait(0.5)
+
     def _room_for_results(self) -> None:
         with self._cond:
             while self._backlog >= self._max_backlog and not self._closing and self._error is None:

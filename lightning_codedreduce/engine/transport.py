@@ -8,9 +8,10 @@ failure is reported as an event, never raised inside a thread.
 
 Every link has a 2-rank process group of its own (see ``link_groups``: a gloo receive timeout closes
 every pair of its group). Transports: ``"gloo"`` (CPU tensors; the default) and ``"nccl"``: each
-direction of a link has its own 2-rank NCCL communicator (a receive pending on a communicator's stream would block later operations
-on it, i.e. the link's own sends), frames are copied to the GPU to be sent and back to host memory
-when received; completion is polled, so a silent peer is still detected after ``timeout``.
+direction of a link has its own 2-rank NCCL communicator (a receive pending on a communicator's
+stream would block later operations on it, i.e. the link's own sends), frames are copied to the GPU
+to be sent and back to host memory when received; completion is polled, so a silent peer is still
+detected after ``timeout``.
 """
 from __future__ import annotations
 

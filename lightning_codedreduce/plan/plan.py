@@ -237,8 +237,7 @@ class CodedReducePlan:
             parent = self.parent(rank)
             if parent is not None and parent in dead:
                 return False
-            alive = [c for c in self.children(rank) if c not in dead]
-            if self.children(rank) and self.decoder(rank, alive) is None:
+            if self.decoder(rank, [c for c in self.children(rank) if c not in dead]) is None:
                 return False
         return True
 

@@ -136,8 +136,7 @@ class CollectivesMixin:
         if self._sync_in_training_step_is_local():
             return tensor
         if self.reducer is not None and group is None:
-            values = self._tree_gather(tensor.detach().cpu())
-            out = combine([values[r] for r in sorted(values)], reduce_op).to(tensor.device, tensor.dtype)
+            out = combine(self._all_gather_object(tensor.detach().cpu()), reduce_op).to(tensor.device, tensor.dtype)
             # in place and in the tensor's dtype, like Lightning's all-reduce (callers may keep the tensor)
             return out if tensor.requires_grad else tensor.copy_(out)
         if self._dead_ranks():
