@@ -4,7 +4,7 @@ Trains the same MLP (generated 10-class data, no downloads) twice -- ``strategy=
 ``strategy="codedreduce"`` -- with the same data, seed, per-rank batch size and optimizer, each run
 launched as 7 processes with ``torch.distributed.run``. Rank 4 is made a straggler with
 ``StragglerInjector.paper(ranks=[4], factor=3)``: it sleeps twice its own forward+backward time every
-step. Prints a side-by-side table (steps/s, time to the same target loss, final loss, the plan's
+step. Both train DDP's run (codedreduce's default: the same global batch and samples per step). Prints a side-by-side table (steps/s, time to the same target loss, final loss, the plan's
 redundancy R), the straggler summary from ``StragglerMonitor``, and writes plots to ``runs/demo/``.
 
     python examples/demo.py                  # one 3x straggler (about 2 minutes on 2 cores)
@@ -212,8 +212,10 @@ def main() -> None:
     print()
     if straggler >= 0:
         print(f"codedreduce vs ddp under one {args.factor:g}x straggler: {ratio:.2f}x the steps/s, "
-              f"{sample_ratio:.2f}x the unique samples/s (R = {cr['redundancy']:.2f}: a step uses "
-              f"{cr['global_batch']} distinct samples vs {ddp['global_batch']})")
+              f"{sample_ratio:.2f}x the unique samples/s (R = {cr['redundancy']:.2f}; "
+              + ("the same training run: DDP's global batch of " f"{ddp['global_batch']} samples per step)"
+                 if cr["global_batch"] == ddp["global_batch"] else
+                 f"a step uses {cr['global_batch']} distinct samples vs {ddp['global_batch']})"))
     else:
         print(f"no injected straggler: codedreduce runs at {ratio:.2f}x the steps/s of ddp and {sample_ratio:.2f}x "
               f"its unique samples/s (R = {cr['redundancy']:.2f}); time per step codedreduce/ddp = {1 / ratio:.2f}, "

@@ -9,7 +9,22 @@ from .plan import CodedReducePlan, Shard
 
 register_strategies()
 
-__all__ = ["CodedReducePlan", "CodedReduceStrategy", "Shard", "register_strategies"]
+__all__ = ["CodedReducePlan", "CodedReduceStrategy", "Shard", "is_counted", "register_strategies"]
+
+
+def is_counted(trainer) -> bool:
+    """Whether the samples ``training_step`` sees now are this rank's to count in per-sample metrics.
+
+    Under CodedReduce several ranks compute each sample (that is the redundancy); exactly one of them
+    counts it. Update a metric only when this is true and an epoch's count is the dataset's (with
+    DDP's padding), as under DDP::
+
+        if lightning_codedreduce.is_counted(self.trainer):
+            self.train_acc.update(preds, target)
+
+    True under every other strategy, so the same module runs under ``"ddp"``.
+    """
+    return bool(getattr(trainer.strategy, "counts_samples", True))
 __version__ = "0.1.0"
 
 

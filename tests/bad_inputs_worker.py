@@ -326,8 +326,12 @@ def sc_sync_dist(name):
     return trained(model, t)
 
 
-def sc_manual_weighted(name):
-    fit(Net(manual=True), loader())
+def sc_manual_default(name):
+    # 4 ranks, default options: the plan's default code weights samples unequally; under manual
+    # optimization the strategy picks a 0/1 code instead
+    model = Net(manual=True)
+    t = fit(model, loader(), max_steps=3)
+    return {**trained(model, t), "uniform": t.strategy.sampler.uniform_weights}
 
 
 def sc_lbfgs(name):

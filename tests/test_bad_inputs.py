@@ -38,9 +38,9 @@ CONFIG_CASES = [
     (dict(timeout=float("nan")), ValueError, r"timeout must be a finite, positive number of seconds.*nan"),
     (dict(timeout=float("inf")), ValueError, r"timeout must be a finite, positive number of seconds.*inf"),
     (dict(timeout="30"), ValueError, r"timeout must be a finite, positive number of seconds.*'30'"),
-    (dict(global_batch_size=0), ValueError, r"global_batch_size must be a positive integer or None"),
-    (dict(global_batch_size=2.5), ValueError, r"global_batch_size must be a positive integer or None"),
-    (dict(global_batch_size=True), ValueError, r"global_batch_size must be a positive integer or None"),
+    (dict(global_batch_size=0), ValueError, r"global_batch_size must be a positive integer, None"),
+    (dict(global_batch_size=2.5), ValueError, r"global_batch_size must be a positive integer, None"),
+    (dict(global_batch_size=True), ValueError, r"global_batch_size must be a positive integer, None"),
     (dict(ddp_comm_hook=lambda *a: None), ValueError, r"ddp_comm_hook is a DistributedDataParallel option"),
     (dict(transport="mpi"), ValueError, r"unknown transport 'mpi'; choose one of 'gloo', 'nccl'"),
 ]
@@ -121,7 +121,7 @@ SCENARIOS = [
     "iterable", "batch_sampler", "empty", "smaller_than_batch", "drop_last_too_few", "weighted_sampler",
     "replacement", "length_differs", "global_batch_too_small", "chunk_without_tensors", "unused_parameters",
     "frozen_layers", "non_float_parameters", "float64", "complex_parameter", "lazy_parameters", "lazy_materialised",
-    "nan_gradient", "nan_gradient_skipped", "seed_differs", "stragglers_differ", "sync_dist", "manual_weighted",
+    "nan_gradient", "nan_gradient_skipped", "seed_differs", "stragglers_differ", "sync_dist", "manual_default",
     "lbfgs",
 ]
 WORLD = 4
@@ -170,8 +170,7 @@ def test_iterable_dataset(job):
 
 
 def test_user_batch_sampler(job):
-    _expect(job, "batch_sampler", "ValueError", "custom batch_sampler (BatchSampler)", "Pass batch_size=",
-            "global_batch_size=")
+    _expect(job, "batch_sampler", "ValueError", "custom batch_sampler (", "Pass batch_size=")
 
 
 def test_empty_dataset(job):
@@ -185,8 +184,8 @@ def test_dataset_smaller_than_the_global_batch_works(job):
 
 
 def test_drop_last_with_too_few_samples(job):
-    _expect(job, "drop_last_too_few", "ValueError", "5 samples, fewer than the global batch of 10",
-            "use a smaller batch or drop_last=False")
+    _expect(job, "drop_last_too_few", "ValueError", "5 samples: 2 per rank under DDP's sampler, fewer than batch_size=4",
+            "drop_last=True leaves no step", "use a smaller batch_size or drop_last=False")
 
 
 def test_custom_sampler(job):
@@ -195,13 +194,14 @@ def test_custom_sampler(job):
 
 
 def test_sampler_with_replacement(job):
-    _expect(job, "replacement", "ValueError", "RandomSampler without replacement", "use shuffle=True")
+    # as under DDP: Lightning replaces a RandomSampler (with replacement too) by its DistributedSampler
+    _expect(job, "replacement", None)
 
 
 def test_ranks_with_different_datasets(job):
     res = _expect(job, "length_differs", "ValueError", "the ranks disagree on the training data",
                   "every rank must build the same DataLoader")
-    assert "(44, 10," in res[0]["error"]  # the odd rank's dataset length is shown
+    assert "(44, 16," in res[0]["error"]  # the odd rank's dataset length is shown
 
 
 def test_global_batch_too_small(job):
@@ -210,9 +210,8 @@ def test_global_batch_too_small(job):
 
 def test_weighted_chunks_need_per_sample_tensors(job):
     # ranks 1-3 weight their samples unequally and must split the batch; rank 0 (weights 1) learns they stopped
-    res = _expect(job, "chunk_without_tensors", "ValueError", "holds no tensor whose first dimension is 4",
-                  "Use code='frc'", ranks=[1, 2, 3])
-    assert res[0]["error_type"] == "CodedReduceError" and "closed before sending step 0" in res[0]["error"], res[0]
+    # a batch that is only a list of per-sample ids is split like any per-sample structure: it trains
+    _expect(job, "chunk_without_tensors", None)
 
 
 # -- models
@@ -230,7 +229,9 @@ def test_frozen_layers_work(job):
 def test_non_float_parameters_and_buffers_work(job):
     # integer and bool buffers and an integer parameter (requires_grad=False) start rank-dependent: rank 0's win
     res = _works(job, "non_float_parameters")
-    assert [(d["calls"], d["mask"], d["index"]) for d in res] == [(3, [True, True, False], [0, 1, 2])] * WORLD
+    # calls: forward passes on rank 0 (a piece each, its buffers win), at least one per step
+    assert len({d["calls"] for d in res}) == 1 and res[0]["calls"] >= 3
+    assert [(d["mask"], d["index"]) for d in res] == [([True, True, False], [0, 1, 2])] * WORLD
 
 
 def test_float64_model_works(job):
@@ -285,9 +286,9 @@ def test_sync_dist_on_step_warns_and_does_not_hang(job):
     assert not [w for d in res[1:] for w in d["warnings"] if "sync_dist=True" in w]  # rank 0 only
 
 
-def test_manual_optimization_with_weighted_code(job):
-    _expect(job, "manual_weighted", "ValueError", "manual optimization needs a CodedReduce code whose sample weights "
-            "are all 1", "Use code='frc'")
+def test_manual_optimization_works_with_default_options(job):
+    res = _works(job, "manual_default")
+    assert res[0]["global_step"] == 3 and all(d["uniform"] for d in res)
 
 
 def test_optimizer_that_calls_the_closure_twice(job):

@@ -244,6 +244,15 @@ class CodedReducer:
         for link in self._links():
             link.close(max(0.1, deadline - time.monotonic()))
 
+    def wait_for_peers(self, timeout: float) -> list[int]:
+        """After ``close``: wait (at most ``timeout`` s in all) for every neighbour to close its side too.
+
+        A process that exits with a gloo receive still posted aborts, and a neighbour may still be catching
+        up; returns the neighbours that did not close in time.
+        """
+        deadline = time.monotonic() + timeout
+        return [link.peer for link in self._links() if not link.wait_peer_closed(deadline - time.monotonic())]
+
     # ------------------------------------------------------------------ protocol thread
     def _run(self) -> None:
         while True:
@@ -340,7 +349,7 @@ class CodedReducer:
             self._check_still_decodable(step, arrived.keys())
             return
         out = local  # our own flattened copy (see reduce): accumulate in place
-        for child, coef in coefs.items():
+        for child, coef in sorted(coefs.items()):  # slot (group) order, not arrival order: reproducible bits
             msg = arrived[child]
             if msg.numel() != out.numel() or msg.dtype != out.dtype:
                 raise FrameError(f"rank {child} sent {msg.numel()} {msg.dtype} values for step {step}; "

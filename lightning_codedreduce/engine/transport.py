@@ -212,6 +212,11 @@ class Link:
         if self.device is not None and (self._rx.is_alive() or self._tx.is_alive()):
             self._abort()
 
+    def wait_peer_closed(self, timeout: float) -> bool:
+        """Wait (bounded) until the peer closed its side; ``False`` if it did not within ``timeout``."""
+        self._rx.join(max(0.0, timeout))
+        return not self._rx.is_alive()
+
     def _abort(self) -> None:
         """NCCL: an operation still pending with a dead or silent peer cannot be cancelled, and the process
         group's watchdog would tear the process down when it times out: abort this link's communicators."""

@@ -185,6 +185,12 @@ class CodedReducePlan:
             )
         return list(local)
 
+    def allocation(self, global_batch_size: int) -> tuple[tuple[Shard, ...], ...]:
+        """Every rank's shards of one step's global batch (a rank may get none when the batch is smaller
+        than ``min_global_batch_size``, e.g. a short last batch of an epoch)."""
+        global_batch_size = check_int("global_batch_size", global_batch_size, 1, "pass the number of samples per step")
+        return self._allocate(global_batch_size)
+
     @lru_cache(maxsize=8)
     def _allocate(self, global_batch_size: int) -> tuple[tuple[Shard, ...], ...]:
         data: list[Segments] = [[] for _ in range(self.world_size)]
@@ -245,6 +251,35 @@ class CodedReducePlan:
         # a child that cannot decode never sends either: it counts as a straggler of its parent
         sending = [c for c in self.children(rank) if c not in dead and self._decodes(c, dead)]
         return self.decoder(rank, sending) is not None
+
+    # ---------------------------------------------------------------- reproducibility
+    def irreproducible_reason(self) -> str | None:
+        """Why two runs can give different bits (the result depends on which children arrive first), or None.
+
+        With 0/1 codes a parent decodes from the first member of each group to arrive; the result is the
+        same bits whichever it is only when every member computes its message the same way: the same
+        samples (fractional repetition guarantees that) through identically shaped subtrees.
+        """
+        def shape(rank: int) -> tuple:
+            node = self.nodes[rank]
+            code = None if node.code is None else np.round(node.code.matrix, 12).tolist()
+            return (tuple(round(x, 12) for x in node.split), str(code), tuple(shape(c) for c in node.children))
+
+        for node in self.nodes:
+            if node.code is None:
+                continue
+            rows = [tuple(node.code.support(slot)) for slot in range(len(node.children))]
+            if any(coef != 1.0 for row in rows for _, coef in row):
+                return (f"rank {node.rank}'s code has coefficients other than 0 and 1, so its decoded sum depends on "
+                        f"which children arrive first; use code='frc'")
+            for slot, row in enumerate(rows):
+                for other in range(slot):
+                    if rows[other] == row and shape(node.children[other]) != shape(node.children[slot]):
+                        a, b = node.children[other], node.children[slot]
+                        return (f"ranks {a} and {b} compute the same samples (one code group under rank {node.rank}) "
+                                f"through differently shaped subtrees, so their messages differ in rounding and the "
+                                f"result depends on which arrives first")
+        return None
 
     # ---------------------------------------------------------------- identity
     def fingerprint(self) -> str:

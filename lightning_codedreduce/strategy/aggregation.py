@@ -1,16 +1,95 @@
-"""Gradient aggregation: the optimizer closure wrapped around the coded reduce, catch-up, weighted chunks."""
+"""Gradient aggregation: the optimizer closure wrapped around the coded reduce, catch-up, pieces.
+
+Call order in one optimizer step (automatic optimization, ``accumulate_grad_batches=a``):
+
+1. ``on_train_batch_start`` notes which batch of the epoch this is (its pieces come from the sampler);
+2. for each of the ``a`` micro-batches Lightning calls ``training_step``; the strategy runs the module
+   once per *piece* of this rank's coded share (at most ``batch_size`` samples each, so activation memory
+   is DDP's), back-propagates every piece but the last itself and returns the last one's loss, so
+   Lightning's ``backward`` finishes the micro-batch. Each piece's loss is weighted
+   ``code weight * len(piece) / B_t`` (``B_t``: the step's global batch), so ``.grad`` holds this rank's
+   share of the global-batch mean;
+3. ``optimizer_step`` wraps the closure: after the last micro-batch's backward the flat gradient (and one
+   "has a gradient" flag per parameter) is reduced over the tree and written back into ``.grad``
+   (parameters no contributing rank produced a gradient for stay ``None``, as under DDP), before
+   clipping, ``on_before_optimizer_step`` and the update. A rank that lags finds the step already reduced
+   and applies it without computing (catch-up).
+
+Manual optimization: ``training_step`` gets this rank's whole share at once (the strategy picks a 0/1 code
+for it) and ``optimizer.step()`` reduces it, scaled ``len(share) / B_t``.
+"""
 from __future__ import annotations
 
-import sys
 import time
 from functools import partial
-from typing import Any, Callable
+from collections.abc import Mapping
+from typing import Any, Callable, Optional
 
 import torch
-from lightning_utilities.core.apply_func import apply_to_collection
 
 # gradient dtypes the reduce carries (half precision is reduced in float32)
 _REDUCIBLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class HeldGradients:
+    """The gradients of a micro-batch's earlier pieces, held while Lightning zeroes ``.grad`` (its closure
+    runs ``training_step``, then ``zero_grad``, then ``backward``) and added back after its backward."""
+
+    def __init__(self) -> None:
+        self._held: list[tuple[torch.nn.Parameter, Optional[torch.Tensor]]] = []  # (parameter, its held gradient)
+
+    @staticmethod
+    def clear_gradients(module: torch.nn.Module) -> None:
+        for p in module.parameters():
+            p.grad = None
+
+    def hold(self, module: torch.nn.Module) -> None:
+        self._held = [(p, p.grad) for p in module.parameters() if p.requires_grad]
+        for p, _ in self._held:
+            p.grad = None
+
+    def add_back(self) -> None:
+        for p, grad in self._held:
+            if grad is None:
+                continue
+            if p.grad is None:
+                p.grad = grad
+            else:
+                p.grad += grad
+        self._held = []
+
+    def drop(self) -> None:
+        self._held = []
+
+
+class TouchedParameters:
+    """Which parameters received a gradient in the current optimizer step (post-accumulate-grad hooks).
+
+    DDP all-reduces a parameter only when backward reached it; one no backward reached on any rank keeps
+    its ``.grad`` as it was (``None``, or a stale value that ``optimizer.step`` then uses, as in
+    StochasticWeightAveraging's BatchNorm epoch). The reduce carries one flag per parameter, so the
+    strategy can do the same.
+    """
+
+    def __init__(self) -> None:
+        self._touched: set[int] = set()  # id() of the parameters reached by backward since reset()
+        self._handles: list[Any] = []  # hook handles, removed by detach()
+
+    def attach(self, params: list[torch.nn.Parameter]) -> None:
+        self.detach()
+        for p in params:
+            self._handles.append(p.register_post_accumulate_grad_hook(lambda t: self._touched.add(id(t))))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._touched = [], set()
+
+    def touched(self, p: torch.nn.Parameter) -> bool:
+        return id(p) in self._touched
+
+    def reset(self) -> None:
+        self._touched = set()
 
 
 class GradientAggregationMixin:
@@ -32,48 +111,65 @@ class GradientAggregationMixin:
         reducer = self.reducer
         if reducer is None or self.sampler is None or not self._trainer.training:
             return super().training_step(*args, **kwargs)
-        if lm.automatic_optimization and not self._in_closure:
+        if not lm.automatic_optimization or not args:
+            return super().training_step(*args, **kwargs)  # manual: the whole share in one call
+        if not self._in_closure:
             # an accumulation micro-batch: if the step is already reduced, its gradient is not needed
             self._micro_t0 = time.perf_counter()
             if reducer.ready(self._reduce_step):
                 self._micro_t0 = None
                 return torch.zeros((), device=self.root_device, requires_grad=True)
-        if self.sampler.uniform_weights or not args:
-            return super().training_step(*args, **kwargs)
-        return self._chunked_training_step(*args, **kwargs)
+        return self._piecewise_training_step(*args, **kwargs)
 
-    def _chunked_training_step(self, batch: Any, *rest: Any, **kwargs: Any):
-        """Non-0/1 codes: one call of the module per equal-weight chunk, losses combined with the weights.
-
-        ``training_step`` must return the mean loss over the samples it was given; the combined loss
-        is ``sum(weight_c * len_c / b * loss_c)`` over the chunks (b: this rank's samples per step).
-        """
-        b = sum(length for length, _ in self.sampler.chunks)
-        per_sample = []
-        apply_to_collection(batch, torch.Tensor, lambda t: per_sample.append(t.dim() > 0 and t.shape[0] == b))
-        if not any(per_sample):
-            raise ValueError(
-                f"the CodedReduce code of this plan weights this rank's {b} samples unequally, so the strategy splits "
-                f"the batch into chunks, but the batch holds no tensor whose first dimension is {b} (got "
-                f"{type(batch).__name__}). Use code='frc' (all weights 1), or batches of tensors")
-        loss, out, start = None, None, 0
-        for length, weight in self.sampler.chunks:
-            stop = start + length
-            part = apply_to_collection(batch, torch.Tensor,
-                                       lambda t, s=start, e=stop: t[s:e] if t.dim() > 0 and t.shape[0] == b else t)
-            out = super().training_step(part, *rest, **kwargs)
+    def _piecewise_training_step(self, batch: Any, *rest: Any, **kwargs: Any):
+        """Step 2 of the module docstring: one call of the module per piece, all but the last back-propagated here."""
+        pieces = self.sampler.pieces(self._batch_idx)
+        size = self.sampler.step_size(self._batch_idx)
+        m = pieces[-1].stop
+        accumulate = max(1, int(self._trainer.accumulate_grad_batches))
+        skip_backward = self._lightning.skips_backward(self._trainer)  # e.g. StochasticWeightAveraging's BatchNorm epoch
+        if len(pieces) > 1 and self._batch_idx % accumulate == 0 and not skip_backward:
+            self._held.clear_gradients(self.lightning_module)  # Lightning zeroes them after this call anyway
+        display: Optional[torch.Tensor] = None
+        term: Optional[torch.Tensor] = None
+        out: Any = None
+        for i, piece in enumerate(pieces):
+            part = batch if len(pieces) == 1 else split_batch(batch, piece.start, piece.stop, m)
+            self._lightning.weigh_next_logs(self._trainer, part, piece.log_weight)
+            self._counting = piece.counted
+            try:
+                out = super().training_step(part, *rest, **kwargs)
+            finally:
+                self._counting = True
             value = out.get("loss") if isinstance(out, dict) else out
+            if value is None and len(pieces) == 1:
+                return out  # the user skips the step (Lightning's convention)
             if not isinstance(value, torch.Tensor):
-                raise ValueError("with a CodedReduce code whose weights are not all 1, training_step must return the "
-                                 "loss tensor (or a dict with 'loss'); use code='frc' to return something else")
-            term = value * (weight * length / b)
-            loss = term if loss is None else loss + term
-            start = stop
+                raise ValueError(
+                    "CodedReduceStrategy runs training_step once per piece of a rank's coded share (at most "
+                    "batch_size samples each) and weights the losses, so training_step must return the loss tensor "
+                    f"(or a dict with 'loss'); got {type(value).__name__}")
+            term = value * (piece.weight * len(piece) / size)
+            shown = value.detach() * (len(piece) / m)
+            display = shown if display is None else display + shown
+            if i < len(pieces) - 1 and not skip_backward:
+                self._backward_piece(term / accumulate if accumulate > 1 else term)
+        if len(pieces) > 1:
+            self._lightning.weigh_next_logs(self._trainer, batch, None)  # later hooks log the whole batch again
+            self._held.hold(self.lightning_module)  # Lightning zeroes .grad between this call and its backward
+        loss = term + (display - term.detach())  # the gradient of the last piece, the value of the rank's mean loss
         if isinstance(out, dict):
             return {**out, "loss": loss}
         return loss
 
+    def _backward_piece(self, loss: torch.Tensor) -> None:
+        """A piece's backward inside ``training_step``: the precision plugin's scaling, the module's ``backward``."""
+        scaler = self._lightning.grad_scaler(self.precision_plugin)
+        self.lightning_module.backward(scaler.scale(loss) if scaler is not None else loss)
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._batch_idx = batch_idx
+        self._held.drop()
         accumulate = max(1, int(getattr(self._trainer, "accumulate_grad_batches", 1)))
         if batch_idx % accumulate == 0:
             self._micro_compute = 0.0
@@ -82,6 +178,7 @@ class GradientAggregationMixin:
 
     def backward(self, closure_loss, optimizer, *args: Any, **kwargs: Any):
         out = super().backward(closure_loss, optimizer, *args, **kwargs)
+        self._held.add_back()
         if self._micro_t0 is not None and not self._in_closure:
             self._micro_compute += time.perf_counter() - self._micro_t0
             self._micro_t0 = None
@@ -114,7 +211,7 @@ class GradientAggregationMixin:
         params = self._grad_params(optimizer)
         skipped = automatic and reducer.ready(step)
         if skipped:  # catch-up: the others reduced this step without us; apply it, do not compute
-            self._mark_closure_skipped(closure)
+            self._lightning.mark_closure_skipped(closure)
             flat = reducer.result(step)
             out: Any = torch.zeros((), device=self.root_device)  # not None: AMP would skip the update
             compute = None
@@ -131,6 +228,7 @@ class GradientAggregationMixin:
             else:  # the forward/backward ran in training_step before optimizer.step()
                 compute = t1 - (self._manual_t0 if self._manual_t0 is not None else t0)
             flat = reducer.reduce(step, self._local_gradient(params))
+        self._touched.reset()
         self._write_gradients(params, flat)
         self._manual_t0 = time.perf_counter()
         self._micro_compute = 0.0
@@ -139,41 +237,80 @@ class GradientAggregationMixin:
         return out
 
     def _local_gradient(self, params: list[torch.nn.Parameter]) -> torch.Tensor:
-        """This rank's weighted share of the global-batch mean gradient, flat.
+        """This rank's share of the global-batch mean gradient, flat, then one flag per parameter (1: has a gradient).
 
-        The loss is a mean over this rank's b samples (chunks already weighted), so ``grad * b / B``
-        summed (decoded) over the tree is the mean over the global batch of B samples.
+        Automatic optimization weighted the losses already (module docstring, step 2). Manual optimization
+        back-propagated the mean loss over this rank's share: scale it by ``share / B_t``.
         """
-        b = len(self.sampler.sample_weights)
-        scale = b / self.global_batch_size
-        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1) for p in params]
+        if self.lightning_module.automatic_optimization:
+            scale = 1.0
+        else:
+            pieces = self.sampler.pieces(self._batch_idx)
+            scale = sum(p.weight * len(p) for p in pieces) / self.sampler.step_size(self._batch_idx)
+        touched = [self._touched.touched(p) and p.grad is not None for p in params]
+        grads = [(p.grad if t else torch.zeros_like(p)).detach().reshape(-1) for p, t in zip(params, touched)]
         if not grads:  # nothing trainable (all frozen): still one (empty-valued) reduce per step, in step with the others
             return torch.zeros(1, device=self.root_device)
         flat = torch.cat(grads)
         if flat.dtype in (torch.float16, torch.bfloat16):
             flat = flat.float()  # half-precision messages would lose the sum's precision (and decode worse)
-        return flat.mul_(scale) if scale != 1.0 else flat
+        if scale != 1.0:
+            flat.mul_(scale)
+        flags = torch.tensor([1.0 if t else 0.0 for t in touched], dtype=flat.dtype, device=flat.device)
+        return torch.cat([flat, flags])
 
     @staticmethod
     def _write_gradients(params: list[torch.nn.Parameter], flat: torch.Tensor) -> None:
+        """Write the reduced gradient back; a parameter whose flags summed to 0 (backward reached it on no
+        contributing rank) keeps its ``.grad`` as it was, as under DDP."""
+        if not params:
+            return
+        flags = flat[-len(params):]
         offset = 0
-        for p in params:
+        for p, flag in zip(params, flags.tolist()):
             part = flat[offset:offset + p.numel()].view_as(p)
             offset += p.numel()
+            if flag == 0.0:
+                continue
             if p.grad is None:
                 p.grad = part.to(device=p.device, dtype=p.dtype).clone()
             else:
                 p.grad.copy_(part)
 
-    @staticmethod
-    def _mark_closure_skipped(closure: Any) -> None:
-        """Lightning's automatic loop reads the closure's result after the step (``consume_result``) and
-        raises "The closure hasn't been executed" when there is none: give it an empty one (loss None:
-        the batch's output is ``{}``, as for a skipped step)."""
-        if not hasattr(closure, "_result"):
-            return
-        module = sys.modules.get(type(closure).__module__)
-        result_cls = getattr(module, "ClosureResult", None)
-        if result_cls is not None:
-            closure._result = result_cls(None)
 
+def split_batch(batch: Any, start: int, stop: int, size: int) -> Any:
+    """Samples ``[start, stop)`` of a collated batch of ``size`` samples, in every structure the same way.
+
+    Tensors whose first dimension is ``size`` are sliced; lists and tuples of ``size`` plain values (names,
+    ids: what ``default_collate`` makes of strings and numbers) are sliced; mappings, named tuples and
+    other lists and tuples are split element by element; anything else (a scalar, a tensor of another
+    length) is passed unchanged.
+    """
+    found: list[bool] = []
+
+    def split(obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            if obj.dim() > 0 and obj.shape[0] == size:
+                found.append(True)
+                return obj[start:stop]
+            return obj
+        if isinstance(obj, Mapping):
+            return type(obj)({k: split(v) for k, v in obj.items()}) if type(obj) is not dict else \
+                {k: split(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            if len(obj) == size and not any(isinstance(e, (torch.Tensor, Mapping, list, tuple)) for e in obj):
+                found.append(True)
+                return obj[start:stop]
+            parts = [split(e) for e in obj]
+            if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a named tuple
+                return type(obj)(*parts)
+            return type(obj)(parts)
+        return obj
+
+    out = split(batch)
+    if not found:
+        raise ValueError(
+            f"CodedReduceStrategy runs this rank's {size} samples in pieces, but the batch holds nothing whose length "
+            f"is {size} (got {type(batch).__name__}); return batches of per-sample tensors or lists from the "
+            f"DataLoader (first dimension: the sample)")
+    return out

@@ -148,16 +148,15 @@ class CollectivesMixin:
         """``self.log(..., sync_dist=True)`` in a per-step hook: warn (it waits for the slowest rank every step),
         and with a chunked plan do not synchronise at all (ranks run training_step different numbers of times)."""
         trainer, lm = self._trainer, self.lightning_module
-        fx = getattr(lm, "_current_fx_name", None)
+        fx = self._lightning.current_hook(lm)
         if trainer is None or not trainer.training or self.reducer is None or fx not in _PER_STEP_HOOKS:
             return False
-        if fx == "training_step" and self._chunked_plan:
+        if fx == "training_step":
             self._warn_once("sync_chunks", (
-                "self.log(..., sync_dist=True, on_step=True) in training_step is not synchronised with this "
-                "CodedReduce plan: its code weights some ranks' samples unequally, so those ranks run "
-                "training_step once per chunk and the ranks would wait for different numbers of all-reduces. "
-                "Each rank logs its own value; use on_step=False, on_epoch=True (synchronised once at the "
-                "epoch end), or code='frc'"))
+                "self.log(..., sync_dist=True, on_step=True) in training_step is not synchronised under CodedReduce: "
+                "each rank runs training_step once per piece of its coded share (their numbers differ), so the "
+                "ranks would wait for different numbers of all-reduces. Each rank logs its own value; use "
+                "on_step=False, on_epoch=True (synchronised once at the epoch end)"))
             return True
         self._warn_once("sync_dist", (
             f"self.log(..., sync_dist=True) in {fx} all-reduces on every training step: every step then waits for "

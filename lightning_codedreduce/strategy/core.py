@@ -14,11 +14,14 @@ all-reduce by the straggler-tolerant coded tree reduce of :class:`~lightning_cod
 * for codes whose sample weights are not all 1 the strategy's ``training_step`` calls the module once
   per equal-weight chunk and combines the (per-sample-mean) losses with the code weights.
 
-Batch-size semantics: by default the DataLoader's ``batch_size`` keeps its DDP meaning, the samples
-one rank processes per step (so memory is as with DDP), and the global batch is
-``plan.global_batch_for(batch_size)`` (logged once on rank 0). ``global_batch_size=`` fixes the global
-batch instead. The gradient every rank applies is the mean over the global batch, as with DDP,
-provided ``training_step`` returns the *mean* loss over the batch it was given.
+Batch-size semantics (DESIGN §6): by default the training run is DDP's: the global batch is
+``devices * num_nodes * batch_size``, its samples are those of the ``DistributedSampler`` Lightning
+injects for DDP (seed, shuffling, padding, ``drop_last``), and a rank whose coded share is larger than
+``batch_size`` runs it in pieces of at most ``batch_size`` samples. ``global_batch_size="plan"`` derives
+the global batch from the plan instead (the busiest rank gets about ``batch_size`` samples: fewer
+samples per step than DDP, more steps per epoch); an integer fixes it. The gradient every rank applies
+is the mean over the global batch, as with DDP, provided ``training_step`` returns the *mean* loss over
+the batch it was given.
 """
 from __future__ import annotations
 
@@ -26,7 +29,6 @@ import importlib
 import math
 import numbers
 import os
-import time
 import warnings
 from datetime import timedelta
 from typing import Any, Optional
@@ -40,10 +42,10 @@ from ..environments import horovod_environment_class, is_horovodrun
 from ..plan import CodedReducePlan
 from ..sampler import CodedReduceBatchSampler
 from ._common import _rank_zero_warn, log
-from .aggregation import GradientAggregationMixin
+from .aggregation import GradientAggregationMixin, HeldGradients, TouchedParameters
 from .collectives import CollectivesMixin
 from .data import TrainLoaderMixin
-from .patches import LightningPatchesMixin
+from .internals import LightningInternals
 
 STRATEGY_NAME = "codedreduce"
 FORK_STRATEGY_NAME = "codedreduce_fork"
@@ -51,28 +53,29 @@ FORK_STRATEGY_NAME = "codedreduce_fork"
 _DDP_ONLY = ("ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapper", "model_averaging_period")
 
 
-class _CodedReduceMixin(TrainLoaderMixin, GradientAggregationMixin, CollectivesMixin, LightningPatchesMixin):
+class _CodedReduceMixin(TrainLoaderMixin, GradientAggregationMixin, CollectivesMixin):
     """The strategy's life cycle, independent of which Lightning namespace provides ``DDPStrategy``.
 
     The parts live in their own modules: ``data`` (training loader), ``aggregation`` (the reducing
-    closure), ``collectives`` (Lightning's barriers, broadcasts, sync_dist), ``patches`` (Lightning internals).
+    closure), ``collectives`` (Lightning's barriers, broadcasts, sync_dist); every Lightning internal is
+    touched through ``internals.LightningInternals`` (checked at set-up).
     """
 
     strategy_name = STRATEGY_NAME
     _lightning_namespace = "pytorch_lightning"
 
     def __init__(self, branching: int = 3, stragglers: int = 1, code: str = "auto",
-                 global_batch_size: Optional[int] = None, timeout: float = 30.0,
+                 global_batch_size: "int | str | None" = None, timeout: float = 30.0,
                  process_group_backend: Optional[str] = None, seed: int = 0, *,
                  process_group_timeout: Optional[timedelta] = None, transport: str = "gloo",
                  **ddp_kwargs: Any) -> None:
         CodedReducePlan(1, branching, stragglers, code, seed)  # validates the options with a clear error now
         check_transport(transport)  # "nccl" on a machine without CUDA/NCCL: a clear error now
-        if global_batch_size is not None and (isinstance(global_batch_size, bool)
-                                              or not isinstance(global_batch_size, numbers.Integral)
-                                              or global_batch_size < 1):
-            raise ValueError(f"global_batch_size must be a positive integer or None (derive it from the "
-                             f"DataLoader's batch_size), got {global_batch_size!r}")
+        if global_batch_size not in (None, "plan") and (isinstance(global_batch_size, bool)
+                                                        or not isinstance(global_batch_size, numbers.Integral)
+                                                        or global_batch_size < 1):
+            raise ValueError(f"global_batch_size must be a positive integer, None (DDP's: devices * num_nodes * "
+                             f"batch_size) or 'plan' (derived from the plan), got {global_batch_size!r}")
         if not isinstance(timeout, numbers.Real) or isinstance(timeout, bool) or not math.isfinite(timeout) \
                 or timeout <= 0:
             raise ValueError(f"timeout must be a finite, positive number of seconds (how long a silent peer may take "
@@ -96,13 +99,17 @@ class _CodedReduceMixin(TrainLoaderMixin, GradientAggregationMixin, CollectivesM
         self.branching, self.stragglers, self.code, self.seed = branching, stragglers, code, seed
         self.transport = transport
         self._known_dead: set[int] = set()  # ranks that died (agreed by every survivor)
-        self._chunked_plan = False  # set with the training loader: some rank runs training_step per chunk
         self.reduce_timeout = float(timeout)
-        self._fixed_global_batch = None if global_batch_size is None else int(global_batch_size)
+        self._batch_option = global_batch_size if global_batch_size in (None, "plan") else int(global_batch_size)
         self.plan: Optional[CodedReducePlan] = None
         self.reducer: Optional[CodedReducer] = None
         self.sampler: Optional[CodedReduceBatchSampler] = None
-        self.global_batch_size: Optional[int] = self._fixed_global_batch
+        self.global_batch_size: Optional[int] = self._batch_option if isinstance(self._batch_option, int) else None
+        self._lightning = LightningInternals(self._lightning_namespace)  # every Lightning internal goes through it
+        self._batch_idx = 0  # batch of the epoch being trained (its pieces come from the sampler)
+        self._touched = TouchedParameters()  # which parameters backward reached in this step (None grads as DDP)
+        self._held = HeldGradients()  # a micro-batch's earlier pieces' gradients across Lightning's zero_grad
+        self._counting = True  # False while a piece whose samples another rank counts runs (counts_samples)
         self.step_records: list[dict[str, Any]] = []
         self._reduce_step = 0
         self._loaded_reduce_step: Optional[int] = None
@@ -114,7 +121,6 @@ class _CodedReduceMixin(TrainLoaderMixin, GradientAggregationMixin, CollectivesM
         self._micro_t0: Optional[float] = None
         self._manual_t0: Optional[float] = None
         self._warned: set[str] = set()
-        self._patched: list[tuple[object, str, bool, Any]] = []
 
     # ------------------------------------------------------------------ registration
     @classmethod
@@ -132,8 +138,12 @@ class _CodedReduceMixin(TrainLoaderMixin, GradientAggregationMixin, CollectivesM
 
     @property
     def _trainer(self):
-        lm = self.lightning_module
-        return None if lm is None else lm._trainer
+        return self._lightning.trainer_of(self.lightning_module)
+
+    @property
+    def counts_samples(self) -> bool:
+        """Whether the samples ``training_step`` has now are counted on this rank (see ``is_counted``)."""
+        return self._counting
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -204,16 +214,62 @@ class _CodedReduceMixin(TrainLoaderMixin, GradientAggregationMixin, CollectivesM
     def setup(self, trainer) -> None:
         fitting = trainer.state.fn == "fit"
         if fitting:
-            if self._layer_sync is not None:
+            self._lightning.check(trainer)
+            if self._lightning.layer_sync(self) is not None:
                 self._warn_once("syncbn", "sync_batchnorm all-reduces in every forward pass, so every step waits for "
                                           "the slowest rank and CodedReduce cannot skip stragglers")
-            self.plan = CodedReducePlan(self.world_size, self.branching, self.stragglers, self.code, self.seed)
+            self.plan = self._build_plan()
             log.debug(self.plan.describe())
             self._check_same_plan()
             self._check_materialised(self.lightning_module)
-            self._install_patches(trainer)
+            self._lightning.apply_patches(trainer, self._check_sigterm_locally, self._sigterm_notifier)
             self._warn_per_step_collectives(trainer)
         super().setup(trainer)
+
+    def _build_plan(self) -> CodedReducePlan:
+        """The plan; ``code="auto"`` becomes fractional repetition (0/1 weights) where it must: manual
+        optimization (the user back-propagates the loss) and ``Trainer(deterministic=True)`` (reproducible sums)."""
+        manual = self.lightning_module is not None and not self.lightning_module.automatic_optimization
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        code = self.code
+        if code == "auto" and (manual or deterministic):
+            try:
+                CodedReducePlan(self.world_size, self.branching, self.stragglers, "frc", self.seed)
+                code = "frc"
+            except ValueError:
+                pass
+        plan = CodedReducePlan(self.world_size, self.branching, self.stragglers, code, self.seed)
+        if deterministic:
+            reason = plan.irreproducible_reason()
+            if reason is not None:
+                self._warn_once("deterministic", (
+                    f"Trainer(deterministic=True): this CodedReduce plan ({self.world_size} ranks, branching="
+                    f"{self.branching}, stragglers={self.stragglers}) cannot give bitwise-reproducible runs: {reason}. "
+                    "Runs agree to float rounding only; stragglers=0 (or a world size whose code groups have equal "
+                    "subtrees, e.g. 3, 5 or 7 ranks with branching=3) is reproducible"))
+        return plan
+
+    def _check_sigterm_locally(self) -> None:
+        trainer = self._trainer
+        if getattr(trainer, "received_sigterm", False):
+            raise self._ns("utilities.exceptions").SIGTERMException()
+
+    def _sigterm_notifier(self, signum, frame) -> None:
+        log.info(f"[rank: {self.global_rank}] Received SIGTERM: {signum}")
+        connector = self._trainer._signal_connector
+        if not connector.received_sigterm and self.launcher is not None:
+            self.launcher.kill(signum)
+        connector.received_sigterm = True
+
+    def _warn_per_step_collectives(self, trainer) -> None:
+        callbacks = self._ns("callbacks")
+        for cb in getattr(trainer, "callbacks", []):
+            if isinstance(cb, callbacks.Timer):
+                self._warn_once("timer", "The Timer callback broadcasts from rank 0 after every training batch: every "
+                                         "step then waits for the slowest rank, undoing CodedReduce's straggler tolerance")
+            if isinstance(cb, callbacks.ModelCheckpoint) and self._lightning.checkpoints_on_time(cb):
+                self._warn_once("ckpt_time", "ModelCheckpoint(train_time_interval=...) broadcasts after every training "
+                                             "batch: every step then waits for the slowest rank")
 
     def _check_same_plan(self) -> None:
         """Every rank must build the same plan: compare the options (not only the fingerprint) to say which differs."""
@@ -267,30 +323,19 @@ class _CodedReduceMixin(TrainLoaderMixin, GradientAggregationMixin, CollectivesM
         group = dist.new_group(backend="gloo")
         self.reducer = CodedReducer(self.plan, timeout=self.reduce_timeout, start_step=start, group=group,
                                     transport=self.transport)
+        self._touched.attach([p for p in self.lightning_module.parameters() if p.requires_grad])
 
     def _close_reducer(self) -> None:
         if self.reducer is None:
             return
         self._dead_ranks()  # remember who died: collectives after fit (save_checkpoint, validate) must avoid them
+        self._touched.detach()
         reducer, self.reducer = self.reducer, None
         reducer.close()
-        # CodedReducer.close() waits only ~1 s for each peer's goodbye; a rank that finishes while a peer
-        # is still catching up would leave a gloo receive pending, and a process that exits with one
-        # aborts ("terminate called without an active exception"). Wait for the peers (bounded).
-        deadline = time.monotonic() + self.reduce_timeout
-        for link in reducer._links():
-            rx = getattr(link, "_rx", None)
-            if rx is not None and rx.is_alive():
-                rx.join(max(0.0, deadline - time.monotonic()))
-                if rx.is_alive():
-                    log.warning(f"[rank {self.global_rank}] CodedReduce: rank {link.peer} did not close its link "
-                                f"within {self.reduce_timeout} s")
-
-    # ------------------------------------------------------------------ keep buffers identical
-    def on_validation_start(self) -> None:
-        super().on_validation_start()
-        if self.plan is not None and any(True for _ in self.lightning_module.buffers()):
-            self._broadcast_module_states(buffers_only=True)
+        # a rank that finishes while a peer is still catching up must not exit with a receive posted
+        for peer in reducer.wait_for_peers(self.reduce_timeout):
+            log.warning(f"[rank {self.global_rank}] CodedReduce: rank {peer} did not close its link "
+                        f"within {self.reduce_timeout} s")
 
     def on_train_end(self) -> None:
         """Training is over: make the buffers identical, agree on who died, and close the reducer, so the
@@ -321,7 +366,7 @@ class _CodedReduceMixin(TrainLoaderMixin, GradientAggregationMixin, CollectivesM
         try:
             self._close_reducer()
         finally:
-            self._unpatch()
+            self._lightning.remove_patches()
             super().teardown()
 
 
@@ -330,9 +375,13 @@ _CLASS_DOC = """Data-parallel training with CodedReduce instead of DDP's all-red
     Args:
         branching: most children per parent in the reduce tree.
         stragglers: slow or dead children tolerated per parent (0: plain uncoded tree reduce).
-        code: ``"auto"`` or ``"frc"`` (fractional repetition only: every sample weight is 1).
-        global_batch_size: samples per optimizer step over all ranks; default: derived from the
-            training DataLoader's ``batch_size`` (per-rank batch, as with DDP) by the plan.
+        code: ``"auto"`` or ``"frc"`` (fractional repetition only: every sample weight is 1). ``"auto"``
+            becomes ``"frc"`` under manual optimization and ``Trainer(deterministic=True)``.
+        global_batch_size: samples per optimizer step over all ranks. Default ``None``: DDP's,
+            ``devices * num_nodes * batch_size``, with DDP's samples in every step (a rank whose coded
+            share is larger runs it in pieces of at most ``batch_size``). ``"plan"``: derived from the
+            plan so that the busiest rank gets about ``batch_size`` samples (fewer per step than DDP,
+            more steps per epoch). An integer fixes it.
         timeout: seconds a silent peer may take before it counts as dead.
         process_group_backend: backend of Lightning's process group (the reduce uses ``transport``).
         seed: seed of the plan's code search (the same on every rank).

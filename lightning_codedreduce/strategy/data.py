@@ -68,31 +68,32 @@ class TrainLoaderMixin:
         if dl.batch_size is None:
             raise ValueError("CodedReduceStrategy replaces the training DataLoader's batch sampler with its own, but "
                              f"this loader has a custom batch_sampler ({type(dl.batch_sampler).__name__}). Pass "
-                             "batch_size=... (the per-rank batch, as with DDP) and shuffle=True/False instead, or fix "
-                             "the global batch with CodedReduceStrategy(global_batch_size=...)")
+                             "batch_size=... (the per-rank batch, as with DDP) and shuffle=True/False instead")
         sampler = dl.sampler
-        if isinstance(sampler, RandomSampler):
+        sampler_drop_last = False
+        if type(sampler) is DistributedSampler:  # Lightning's injected one (or the user's own): DDP's samples
+            shuffle, data_seed, sampler_drop_last = bool(sampler.shuffle), int(sampler.seed), bool(sampler.drop_last)
+            if sampler.num_replicas != self.world_size:
+                raise ValueError(f"the training DataLoader's DistributedSampler has num_replicas={sampler.num_replicas} "
+                                 f"but {self.world_size} ranks train; leave the sampler to Lightning")
+        elif isinstance(sampler, RandomSampler):  # Trainer(use_distributed_sampler=False)
             if sampler.replacement or sampler._num_samples is not None:
                 raise ValueError("CodedReduceStrategy supports RandomSampler without replacement over the whole "
                                  "dataset only; use shuffle=True")
             shuffle, data_seed = True, None
         elif isinstance(sampler, SequentialSampler):
             shuffle, data_seed = False, None
-        elif isinstance(sampler, DistributedSampler):
-            shuffle, data_seed = bool(sampler.shuffle), int(sampler.seed)
         else:
-            raise ValueError(f"CodedReduceStrategy cannot use the custom sampler {type(sampler).__name__}: it decides "
+            raise ValueError(f"CodedReduceStrategy cannot use the custom sampler {self._lightning.user_sampler_name(sampler)}: it decides "
                              "which samples every rank processes. Use shuffle=True or shuffle=False (or a "
                              "DistributedSampler) in the training DataLoader")
         if data_seed is None:
             data_seed = int(os.environ.get("PL_GLOBAL_SEED", 0) or 0)
         n = len(dl.dataset)
-        if self._fixed_global_batch is not None:
-            B = self._fixed_global_batch
-        else:
-            B = self.plan.global_batch_for(int(dl.batch_size))
-        low = self.plan.min_global_batch_size
-        # every rank must agree on the data (dataset length, global batch, order seed): check collectively
+        b = int(dl.batch_size)
+        option = self._batch_option
+        B = b * self.world_size if option is None else self.plan.global_batch_for(b) if option == "plan" else option
+        # every rank must agree on the data (dataset length, batch, order seed): check collectively
         mine = (n, B, shuffle, bool(dl.drop_last), data_seed)
         every = self._all_gather_object(mine)
         if any(e[:4] != mine[:4] for e in every):
@@ -102,22 +103,28 @@ class TrainLoaderMixin:
         if n == 0:
             raise ValueError("the training dataset is empty (len(dataset) == 0); CodedReduce needs at least "
                              f"{self.plan.min_global_batch_size} samples per step")
-        if B < low:
+        low = self.plan.min_global_batch_size
+        if option is not None and B < low:
             raise ValueError(f"global_batch_size={B} is too small for the CodedReduce plan of {self.world_size} ranks "
                              f"(branching={self.branching}, stragglers={self.stragglers}): it needs at least {low} "
                              f"samples per step so that every rank gets one; use global_batch_size>={low}")
-        if dl.drop_last and n < B:
+        if option is not None and dl.drop_last and n < B:
             raise ValueError(f"the training dataset has {n} samples, fewer than the global batch of {B}, so "
                              f"drop_last=True leaves no step; use a smaller batch or drop_last=False")
-        uniform = all(sh.weight == 1.0 for r in range(self.world_size) for sh in self.plan.shards(r, B))
+        uniform = all(sh.weight == 1.0 for shards in self.plan.allocation(B) for sh in shards)
         if not self.lightning_module.automatic_optimization and not uniform:
             raise ValueError(
                 f"manual optimization needs a CodedReduce code whose sample weights are all 1, but the plan for "
                 f"{self.world_size} ranks (branching={self.branching}, stragglers={self.stragglers}, code={self.code!r}) "
                 f"weights samples unequally and the strategy cannot reweight a loss you back-propagate yourself. "
                 f"Use code='frc' or a branching divisible by stragglers+1 (e.g. branching={2 * (self.stragglers + 1)})")
-        batch_sampler = CodedReduceBatchSampler(n, self.plan, self.global_rank, B, seed=data_seed,
-                                                shuffle=shuffle, drop_last=bool(dl.drop_last))
+        if option is None:
+            batch_sampler = CodedReduceBatchSampler(n, self.plan, self.global_rank, seed=data_seed, shuffle=shuffle,
+                                                    drop_last=bool(dl.drop_last), per_rank_batch=b,
+                                                    num_replicas=self.world_size, sampler_drop_last=sampler_drop_last)
+        else:
+            batch_sampler = CodedReduceBatchSampler(n, self.plan, self.global_rank, B, seed=data_seed,
+                                                    shuffle=shuffle, drop_last=bool(dl.drop_last))
         batch_sampler.sampler = _EpochForwarder(batch_sampler)  # so Lightning's _set_sampler_epoch reaches it
         if type(dl) is not DataLoader and type(dl) is not CodedReduceDataLoader:
             self._warn_once("subclass", f"the training loader ({type(dl).__name__}) is rebuilt as a plain torch "
@@ -134,18 +141,19 @@ class TrainLoaderMixin:
         loader = CodedReduceDataLoader(dl.dataset, batch_sampler=batch_sampler, **kwargs)
         loader._codedreduce_strategy = weakref.ref(self)
         self.sampler, self.global_batch_size = batch_sampler, B
-        self._chunked_plan = not uniform  # some rank calls training_step once per weighted chunk
         self._position = (0, 0)
         if "global_batch" not in self._warned:
             self._warned.add("global_batch")
             reduced = (f", fewer at parent(s) {self.plan.reduced_tolerance} (too few children)"
                        if self.plan.reduced_tolerance else "")
-            how = "fixed by global_batch_size" if self._fixed_global_batch is not None else \
-                f"derived from the DataLoader's per-rank batch_size={dl.batch_size}"
+            how = {None: f"DDP's: {self.world_size} ranks x batch_size={b}, the samples of DDP's DistributedSampler",
+                   "plan": f"derived from the plan for batch_size={b} (global_batch_size='plan')"}.get(
+                option, "fixed by global_batch_size")
             _rank_zero_info(self, f"CodedReduce: {self.world_size} ranks, branching {self.branching}, tolerating "
                                   f"{self.stragglers} straggler(s) per parent{reduced} (redundancy {self.plan.redundancy:.2f}); "
                                   f"global batch {B} samples per step ({how}), rank 0 computes "
-                                  f"{len(batch_sampler.sample_weights)}; {len(batch_sampler)} steps per epoch")
+                                  f"{len(batch_sampler.sample_weights)}; {len(batch_sampler)} steps per epoch"
+                                  + (f"; ranks run their shares in pieces of at most {b}" if option is None else ""))
         return loader
 
     # -- loader state (checkpointed by Lightning's fit loop as "combined_loader")
