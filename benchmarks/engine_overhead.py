@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import time
 from pathlib import Path
@@ -19,15 +18,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from lightning_codedreduce._util import free_port
 from lightning_codedreduce.engine import CodedReducer
 from lightning_codedreduce.engine.transport import TAG
 from lightning_codedreduce.plan import CodedReducePlan
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _timed(fn, reps: int) -> float:
@@ -82,7 +76,7 @@ def main() -> None:
           f"{'s=0 ratio':>9} {'s=1 ratio':>9} {'R(s=1)':>7}")
     for world in a.worlds:
         queue = ctx.SimpleQueue()
-        port = _free_port()
+        port = free_port()
         procs = [ctx.Process(target=_worker, args=(r, world, port, a.sizes, a.reps, a.branching, queue))
                  for r in range(world)]
         for proc in procs:

@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lightning_codedreduce._util import free_port  # noqa: E402
 from benchmarks import netns, report  # noqa: E402
 from benchmarks.workloads import (  # noqa: E402
     WORKLOADS, StragglerSpec, default_schemes, make_data)
@@ -136,7 +137,7 @@ def run_world(world: int, cells: list[dict], args, data: dict, out_dir: Path, ne
     try:
         if net is not None:
             net.__enter__()
-        port = MASTER_PORT if net else report.free_port()  # fresh namespaces: nothing else listens there
+        port = MASTER_PORT if net else free_port()  # fresh namespaces: nothing else listens there
         common = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                       WORLD_SIZE=str(world), MASTER_ADDR=net.address(0) if net else "127.0.0.1",
                       MASTER_PORT=str(port), GLOO_SOCKET_IFNAME=net.iface if net else "lo")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +12,6 @@ from lightning_codedreduce import sim
 
 WARMUP = 2  # steps excluded from step-time statistics (start-up)
 GOALS = {"heavy_vs_rar": 3.0, "heavy_vs_gc": 5.0, "heavy_vs_own": 1.2, "none_s0_vs_rar": 1.3}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cell_budget(cell: dict, compute: dict) -> float:

@@ -17,6 +17,8 @@ present (and torchrun's are not). Elastic Horovod (``--min-np``/``--max-np``) is
 """
 from __future__ import annotations
 
+from ._util import free_port
+
 import importlib
 import logging
 import os
@@ -48,12 +50,6 @@ def _int_env(name: str, default: int | None = None) -> int:
         return int(value)
     except ValueError:
         raise RuntimeError(f"{name}={value!r} is not an integer") from None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def _is_loopback(host: str) -> bool:
@@ -144,7 +140,7 @@ class _HorovodRunMixin:
         host = os.environ.get("HOROVOD_HOSTNAME") or socket.gethostname()
         if _is_loopback(host):
             host = addr if self.num_nodes() > 1 else "127.0.0.1"
-        main = (host, _free_port())
+        main = (host, free_port(""))
         request = urllib.request.Request(self._url(addr, port), data=f"{main[0]}:{main[1]}".encode(), method="PUT")
         with urllib.request.urlopen(request, timeout=30) as response:
             if response.status != 200:

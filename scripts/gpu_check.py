@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,9 +41,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # lit_common: the model, data and single-process reference
 
 import torch  # noqa: E402
+
+from lightning_codedreduce._util import free_port  # noqa: E402
 
 # ======================================================================== worker side (one rank)
 
@@ -107,7 +107,7 @@ def worker_lightning(a) -> dict:
     from torch.utils.data import DataLoader
 
     from lightning_codedreduce import CodedReduceStrategy
-    from lit_common import flat_params, make_dataset, make_net, param_hash
+    from lightning_codedreduce.testing import flat_params, make_dataset, make_net, param_hash
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
@@ -157,15 +157,9 @@ def worker_lightning(a) -> dict:
 # ======================================================================== orchestrator
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(kind: str, world: int, out: Path, extra: list[str], timeout: float) -> tuple[list[int], list[str]]:
     out.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_", "HOROVOD_"))}
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), PYTHONUNBUFFERED="1",
                OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT))
@@ -229,7 +223,7 @@ def check_engine(a, out: Path, transport: str) -> tuple[str, str]:
 
 
 def check_lightning(a, out: Path, kind: str, transport: str, precision: str) -> tuple[str, str]:
-    from lit_common import reference_train
+    from lightning_codedreduce.testing import reference_train
 
     world = a.world
     if transport == "nccl" and not a.cpu and torch.cuda.device_count() < world:

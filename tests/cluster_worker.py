@@ -166,7 +166,8 @@ def sc_fault(name):
 
     rank = env_rank()
     validate = A.kill_at in ("validation", "anywhere")
-    strategy = CodedReduceStrategy(branching=A.branching, stragglers=A.stragglers, timeout=A.timeout)
+    strategy = CodedReduceStrategy(branching=A.branching, stragglers=A.stragglers, timeout=A.timeout,
+                                   global_batch_size="plan")  # the step counts these scenarios were written for
     monitor = StragglerMonitor(os.path.join(A.out, "monitor"), stale_s=1.0, merge_timeout=10.0, summary=False)
     ckpt = ModelCheckpoint(dirpath=os.path.join(A.out, "ckpt"), save_last=True, save_top_k=1)
     callbacks = [_Fault(), monitor, ckpt] + ([EarlyStopping("val_loss", patience=100)] if validate else [])

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lightning_codedreduce._util import free_port  # noqa: F401  (re-exported for the tests)
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 # variables of other launchers that must not leak into a simulated one
@@ -28,22 +30,6 @@ def clean_env(**extra: str) -> dict:
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.update(extra)
     return env
-
-
-def free_port(low: int | None = None, high: int | None = None) -> int:
-    """A free TCP port (in ``[low, high)`` when given)."""
-    if low is None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-    for port in range(low, high):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in [{low}, {high})")
 
 
 @dataclass
