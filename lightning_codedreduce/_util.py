@@ -4,8 +4,8 @@ from __future__ import annotations
 import socket
 
 
-def free_port(host: str = "127.0.0.1", low: int | None = None, high: int | None = None) -> int:
-    """A free TCP port on ``host`` (in ``[low, high)`` when given)."""
+def free_port(low: int | None = None, high: int | None = None, *, host: str = "127.0.0.1") -> int:
+    """A free TCP port on ``host`` (in ``[low, high)`` when given; ``host=""``: every interface)."""
     if low is None:
         with socket.socket() as s:
             s.bind((host, 0))

@@ -17,8 +17,6 @@ present (and torchrun's are not). Elastic Horovod (``--min-np``/``--max-np``) is
 """
 from __future__ import annotations
 
-from ._util import free_port
-
 import importlib
 import logging
 import os
@@ -26,6 +24,8 @@ import socket
 import time
 import urllib.error
 import urllib.request
+
+from ._util import free_port
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class _HorovodRunMixin:
         host = os.environ.get("HOROVOD_HOSTNAME") or socket.gethostname()
         if _is_loopback(host):
             host = addr if self.num_nodes() > 1 else "127.0.0.1"
-        main = (host, free_port(""))
+        main = (host, free_port(host=""))
         request = urllib.request.Request(self._url(addr, port), data=f"{main[0]}:{main[1]}".encode(), method="PUT")
         with urllib.request.urlopen(request, timeout=30) as response:
             if response.status != 200:

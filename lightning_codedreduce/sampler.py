@@ -210,32 +210,43 @@ class CodedReduceBatchSampler(Sampler[list[int]]):
 
 @lru_cache(maxsize=64)
 def _rank_layout(plan: CodedReducePlan, rank: int, size: int, max_piece: int | None) -> tuple[tuple[int, ...], tuple[Piece, ...]]:
-    """``(positions, pieces)`` of ``rank`` in a global batch of ``size`` samples."""
+    """``(positions, pieces)`` of ``rank`` in a global batch of ``size`` samples.
+
+    The global batch is cut into *atoms* at every rank's shard boundaries, so each atom is computed by one
+    set of ranks. A rank's consecutive atoms with the same set of ranks and the same code weight form a
+    run, and each run is cut into ``ceil(len / max_piece)`` pieces of near-equal size. Ranks that compute
+    the same samples therefore cut them the same way (bitwise equal gradients), and no piece is smaller
+    than it must be (a 1-sample piece cannot run BatchNorm in train mode).
+    """
     shards = plan.allocation(size)
-    copies = np.zeros(size, dtype=np.int64)
-    owner = np.full(size, plan.world_size, dtype=np.int64)
-    cuts = {0, size}
-    for r in range(plan.world_size - 1, -1, -1):
-        for sh in shards[r]:
-            copies[sh.start:sh.stop] += 1
-            owner[sh.start:sh.stop] = r
-            cuts.update((sh.start, sh.stop))
-    lcm = math.lcm(*{int(c) for c in copies if c > 0}) if size else 1
-    mine = shards[rank]
-    if not mine:  # a short last batch left this rank nothing: one padding sample that weighs nothing
+    edges = sorted({0, size, *(e for rank_shards in shards for sh in rank_shards for e in (sh.start, sh.stop))})
+    index = {e: i for i, e in enumerate(edges)}
+    cover = [0] * (len(edges) - 1)  # per atom: bit r set when rank r computes it
+    for r, rank_shards in enumerate(shards):
+        for sh in rank_shards:
+            for i in range(index[sh.start], index[sh.stop]):
+                cover[i] |= 1 << r
+    copies = {bin(mask).count("1") for mask in cover if mask}
+    lcm = math.lcm(*copies) if copies else 1
+    if not shards[rank]:  # a short last batch left this rank nothing: one padding sample that weighs nothing
         return (0,), (Piece(0, 1, 0.0, False, 0),)
+    runs: list[tuple[tuple[int, float], list[int]]] = []  # ((cover, weight), positions), in shard order
+    for sh in shards[rank]:
+        for i in range(index[sh.start], index[sh.stop]):
+            key = (cover[i], sh.weight)
+            if not runs or runs[-1][0] != key:
+                runs.append((key, []))
+            runs[-1][1].extend(range(edges[i], edges[i + 1]))
     positions: list[int] = []
     pieces: list[Piece] = []
-    edges = sorted(cuts)
-    for sh in mine:
-        inner = [e for e in edges if sh.start < e < sh.stop]
-        for lo, hi in zip([sh.start, *inner], [*inner, sh.stop]):
-            counted = bool(owner[lo] == rank)
-            log_weight = lcm // int(copies[lo])
-            step = max_piece or (hi - lo)
-            for a in range(lo, hi, step):
-                b = min(hi, a + step)
-                offset = len(positions)
-                positions.extend(range(a, b))
-                pieces.append(Piece(offset, offset + b - a, sh.weight, counted, log_weight * (b - a)))
+    for (mask, weight), run in runs:
+        counted = mask & -mask == 1 << rank  # the lowest rank computing these samples counts them
+        per_sample = lcm // bin(mask).count("1")
+        count = -(-len(run) // max_piece) if max_piece else 1
+        start = len(positions)
+        for k in range(count):
+            length = len(run) // count + (k < len(run) % count)
+            pieces.append(Piece(start, start + length, weight, counted, per_sample * length))
+            start += length
+        positions.extend(run)
     return tuple(positions), tuple(pieces)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import subprocess
 
 import pytest
 
@@ -45,30 +46,40 @@ def test_a_missing_internal_stops_with_its_name_and_the_version(internal, monkey
     assert internal.name in message and f"pytorch_lightning {pl.__version__}" in message and ">=2.5,<2.7" in message
 
 
-def test_fit_stops_at_set_up_when_an_internal_is_missing(monkeypatch, tmp_path):
-    """Not silently skipped: a fit (one rank, in this process) raises before training starts."""
-    import pytorch_lightning as pl
-    import torch
-    from torch.utils.data import DataLoader, TensorDataset
+FIT_WITHOUT_AN_INTERNAL = """
+import pytorch_lightning as pl, torch
+from torch.utils.data import DataLoader, TensorDataset
+import lightning_codedreduce
+from pytorch_lightning.loops import training_epoch_loop
+from lightning_codedreduce.strategy.internals import LightningInternalsError
 
-    import lightning_codedreduce  # noqa: F401
-    from pytorch_lightning.loops import training_epoch_loop
+del training_epoch_loop._TrainingEpochLoop._broadcast_sigterm_tensor
 
-    monkeypatch.delattr(training_epoch_loop._TrainingEpochLoop, "_broadcast_sigterm_tensor")
+class Net(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).pow(2).mean()
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    class Net(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.layer = torch.nn.Linear(2, 1)
+trainer = pl.Trainer(strategy="codedreduce", accelerator="cpu", devices=1, max_steps=1, logger=False,
+                     enable_progress_bar=False, enable_checkpointing=False, default_root_dir={root!r})
+try:
+    trainer.fit(Net(), DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=4))
+except LightningInternalsError as err:
+    print("ERROR:", err)
+"""
 
-        def training_step(self, batch, batch_idx):
-            return self.layer(batch[0]).pow(2).mean()
 
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
+def test_fit_stops_at_set_up_when_an_internal_is_missing(tmp_path):
+    """Not silently skipped: a fit (one rank, in a process of its own: it initialises torch.distributed)
+    raises before training starts."""
+    from procs import PY, ROOT, clean_env, free_port
 
-    trainer = pl.Trainer(strategy="codedreduce", accelerator="cpu", devices=1, max_steps=1, logger=False,
-                         enable_progress_bar=False, enable_checkpointing=False, default_root_dir=str(tmp_path))
-    loader = DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=4)
-    with pytest.raises(LightningInternalsError, match="_TrainingEpochLoop._broadcast_sigterm_tensor"):
-        trainer.fit(Net(), loader)
+    code = FIT_WITHOUT_AN_INTERNAL.format(root=str(tmp_path))
+    env = clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    out = subprocess.run([PY, "-c", code], cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "ERROR: " in out.stdout and "_TrainingEpochLoop._broadcast_sigterm_tensor" in out.stdout, out.stdout

@@ -334,8 +334,12 @@ def test_three_ranks_straggler_catches_up(tmp_path):
     _assert_identical(res)
     _assert_reference(res, lr=0.1, n=80, accumulate=2)
     skipped = sum(r["skipped"] for r in res[2]["records"])
-    assert skipped >= 2 and res[2]["calls"] <= len(res[2]["batches"]) - 2 * (skipped - 1)
-    assert res[0]["calls"] == len(res[0]["batches"]) == 16
+    # each skipped step saves at least its stepping micro-batch; a rank that catches up runs one batch per
+    # epoch forward-only (so that it logs what the others log): 80 samples, 3 ranks, batch 4 -> 2 epochs
+    epochs = len({epoch for epoch, _, _ in res[2]["batches"]})
+    assert skipped >= 2 and res[2]["calls"] <= len(res[2]["batches"]) - skipped + epochs
+    # DDP's batches: 80 samples over 3 ranks, 27 per rank, 7 batches of 4 per epoch; 4 steps per epoch -> 2 epochs
+    assert res[0]["calls"] == len(res[0]["batches"]) == 14
     _expect(tmp_path, "bad_devices", 3, "ValueError", "devices=4")
     # a rank that fails inside the tolerance: the others train on to max_steps
     crash = _load(tmp_path, "crash", 3)

@@ -10,8 +10,8 @@ Call order in one optimizer step (automatic optimization, ``accumulate_grad_batc
    ``code weight * len(piece) / B_t`` (``B_t``: the step's global batch), so ``.grad`` holds this rank's
    share of the global-batch mean;
 3. ``optimizer_step`` wraps the closure: after the last micro-batch's backward the flat gradient (and one
-   "has a gradient" flag per parameter) is reduced over the tree and written back into ``.grad``
-   (parameters no contributing rank produced a gradient for stay ``None``, as under DDP), before
+   "backward reached it" flag per parameter) is reduced over the tree and written back into ``.grad``
+   (a parameter backward reached on no contributing rank keeps its ``.grad`` as it was, as under DDP), before
    clipping, ``on_before_optimizer_step`` and the update. A rank that lags finds the step already reduced
    and applies it without computing (catch-up).
 
@@ -113,19 +113,46 @@ class GradientAggregationMixin:
             return super().training_step(*args, **kwargs)
         if not lm.automatic_optimization or not args:
             return super().training_step(*args, **kwargs)  # manual: the whole share in one call
+        if self._log_only:
+            return self._log_only_step(*args, **kwargs)
         if not self._in_closure:
             # an accumulation micro-batch: if the step is already reduced, its gradient is not needed
             self._micro_t0 = time.perf_counter()
-            if reducer.ready(self._reduce_step):
+            if self._catching_up():
                 self._micro_t0 = None
+                if self._logged_epoch != self._trainer.current_epoch:
+                    return self._log_only_step(*args, **kwargs)
                 return torch.zeros((), device=self.root_device, requires_grad=True)
         return self._piecewise_training_step(*args, **kwargs)
+
+    def _catching_up(self) -> bool:
+        """The others reduced this step without us: apply it without computing. Not when Lightning skips
+        backward (StochasticWeightAveraging's BatchNorm epoch): there the forward passes are the point."""
+        return self.reducer.ready(self._reduce_step) and not self._lightning.skips_backward(self._trainer)
+
+    def _log_only_step(self, batch: Any, *rest: Any, **kwargs: Any):
+        """A rank catching up still runs one piece per epoch, forward only, so that it logs what the others
+        log: Lightning synchronises an epoch-level ``self.log(..., sync_dist=True)`` only on the ranks that
+        logged it, and a rank that logged nothing would be in a different collective than the others."""
+        pieces = self.sampler.pieces(self._batch_idx)
+        piece = pieces[0]
+        part = batch if len(pieces) == 1 else split_batch(batch, piece.start, piece.stop, pieces[-1].stop)
+        self._lightning.weigh_next_logs(self._trainer, part, piece.log_weight)
+        self._logged_epoch = self._trainer.current_epoch
+        self._counting = piece.counted
+        try:
+            with torch.no_grad():
+                super().training_step(part, *rest, **kwargs)
+        finally:
+            self._counting = True
+        return torch.zeros((), device=self.root_device, requires_grad=True)
 
     def _piecewise_training_step(self, batch: Any, *rest: Any, **kwargs: Any):
         """Step 2 of the module docstring: one call of the module per piece, all but the last back-propagated here."""
         pieces = self.sampler.pieces(self._batch_idx)
         size = self.sampler.step_size(self._batch_idx)
         m = pieces[-1].stop
+        self._logged_epoch = self._trainer.current_epoch
         accumulate = max(1, int(self._trainer.accumulate_grad_batches))
         skip_backward = self._lightning.skips_backward(self._trainer)  # e.g. StochasticWeightAveraging's BatchNorm epoch
         if len(pieces) > 1 and self._batch_idx % accumulate == 0 and not skip_backward:
@@ -156,7 +183,8 @@ class GradientAggregationMixin:
                 self._backward_piece(term / accumulate if accumulate > 1 else term)
         if len(pieces) > 1:
             self._lightning.weigh_next_logs(self._trainer, batch, None)  # later hooks log the whole batch again
-            self._held.hold(self.lightning_module)  # Lightning zeroes .grad between this call and its backward
+            if not skip_backward:
+                self._held.hold(self.lightning_module)  # Lightning zeroes .grad between this call and its backward
         loss = term + (display - term.detach())  # the gradient of the last piece, the value of the rank's mean loss
         if isinstance(out, dict):
             return {**out, "loss": loss}
@@ -209,11 +237,18 @@ class GradientAggregationMixin:
         reducer, step = self.reducer, self._reduce_step
         automatic = self.lightning_module.automatic_optimization
         params = self._grad_params(optimizer)
-        skipped = automatic and reducer.ready(step)
+        skipped = automatic and self._catching_up()
         if skipped:  # catch-up: the others reduced this step without us; apply it, do not compute
-            self._lightning.mark_closure_skipped(closure)
-            flat = reducer.result(step)
             out: Any = torch.zeros((), device=self.root_device)  # not None: AMP would skip the update
+            if self._logged_epoch != self._trainer.current_epoch:
+                self._log_only = True  # the closure runs training_step as _log_only_step
+                try:
+                    out = closure()
+                finally:
+                    self._log_only = False
+            else:
+                self._lightning.mark_closure_skipped(closure)
+            flat = reducer.result(step)
             compute = None
         else:
             t0 = time.perf_counter()
@@ -237,7 +272,7 @@ class GradientAggregationMixin:
         return out
 
     def _local_gradient(self, params: list[torch.nn.Parameter]) -> torch.Tensor:
-        """This rank's share of the global-batch mean gradient, flat, then one flag per parameter (1: has a gradient).
+        """This rank's share of the global-batch mean gradient, flat, then one flag per parameter (1: backward reached it).
 
         Automatic optimization weighted the losses already (module docstring, step 2). Manual optimization
         back-propagated the mean loss over this rank's share: scale it by ``share / B_t``.
@@ -295,8 +330,8 @@ def split_batch(batch: Any, start: int, stop: int, size: int) -> Any:
                 return obj[start:stop]
             return obj
         if isinstance(obj, Mapping):
-            return type(obj)({k: split(v) for k, v in obj.items()}) if type(obj) is not dict else \
-                {k: split(v) for k, v in obj.items()}
+            parts = {k: split(v) for k, v in obj.items()}
+            return parts if type(obj) is dict else type(obj)(parts)
         if isinstance(obj, (list, tuple)):
             if len(obj) == size and not any(isinstance(e, (torch.Tensor, Mapping, list, tuple)) for e in obj):
                 found.append(True)

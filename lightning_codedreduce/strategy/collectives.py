@@ -136,7 +136,16 @@ class CollectivesMixin:
         if self._sync_in_training_step_is_local():
             return tensor
         if self.reducer is not None and group is None:
-            out = combine(self._all_gather_object(tensor.detach().cpu()), reduce_op).to(tensor.device, tensor.dtype)
+            gathered = self._tree_gather(tensor.detach().cpu())
+            values = [gathered[r] for r in sorted(gathered)]
+            odd = [r for r in sorted(gathered) if not isinstance(gathered[r], torch.Tensor)
+                   or gathered[r].shape != tensor.shape]
+            if odd:
+                raise CodedReduceError(
+                    f"rank(s) {odd} were in another collective than rank {self.global_rank}'s reduce (sync_dist of a "
+                    f"{tuple(tensor.shape)} tensor): the ranks logged different metrics with sync_dist=True. Log the "
+                    "same names on every rank")
+            out = combine(values, reduce_op).to(tensor.device, tensor.dtype)
             # in place and in the tensor's dtype, like Lightning's all-reduce (callers may keep the tensor)
             return out if tensor.requires_grad else tensor.copy_(out)
         if self._dead_ranks():

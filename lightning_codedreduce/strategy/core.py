@@ -110,6 +110,8 @@ class _CodedReduceMixin(TrainLoaderMixin, GradientAggregationMixin, CollectivesM
         self._touched = TouchedParameters()  # which parameters backward reached in this step (None grads as DDP)
         self._held = HeldGradients()  # a micro-batch's earlier pieces' gradients across Lightning's zero_grad
         self._counting = True  # False while a piece whose samples another rank counts runs (counts_samples)
+        self._logged_epoch = -1  # last epoch in which training_step ran here (a catching-up rank must log once)
+        self._log_only = False  # the closure of a skipped step runs training_step forward-only, to log
         self.step_records: list[dict[str, Any]] = []
         self._reduce_step = 0
         self._loaded_reduce_step: Optional[int] = None
@@ -222,7 +224,7 @@ class _CodedReduceMixin(TrainLoaderMixin, GradientAggregationMixin, CollectivesM
             log.debug(self.plan.describe())
             self._check_same_plan()
             self._check_materialised(self.lightning_module)
-            self._lightning.apply_patches(trainer, self._check_sigterm_locally, self._sigterm_notifier)
+            self._lightning.apply_patches(trainer, self._check_sigterm_locally, self._on_first_sigterm)
             self._warn_per_step_collectives(trainer)
         super().setup(trainer)
 
@@ -231,14 +233,13 @@ class _CodedReduceMixin(TrainLoaderMixin, GradientAggregationMixin, CollectivesM
         optimization (the user back-propagates the loss) and ``Trainer(deterministic=True)`` (reproducible sums)."""
         manual = self.lightning_module is not None and not self.lightning_module.automatic_optimization
         deterministic = torch.are_deterministic_algorithms_enabled()
-        code = self.code
-        if code == "auto" and (manual or deterministic):
+        plan = None
+        if self.code == "auto" and (manual or deterministic):
             try:
-                CodedReducePlan(self.world_size, self.branching, self.stragglers, "frc", self.seed)
-                code = "frc"
-            except ValueError:
+                plan = CodedReducePlan(self.world_size, self.branching, self.stragglers, "frc", self.seed)
+            except ValueError:  # no 0/1 code for this shape: the default one (a clear error later if manual)
                 pass
-        plan = CodedReducePlan(self.world_size, self.branching, self.stragglers, code, self.seed)
+        plan = plan or CodedReducePlan(self.world_size, self.branching, self.stragglers, self.code, self.seed)
         if deterministic:
             reason = plan.irreproducible_reason()
             if reason is not None:
@@ -254,12 +255,10 @@ class _CodedReduceMixin(TrainLoaderMixin, GradientAggregationMixin, CollectivesM
         if getattr(trainer, "received_sigterm", False):
             raise self._ns("utilities.exceptions").SIGTERMException()
 
-    def _sigterm_notifier(self, signum, frame) -> None:
+    def _on_first_sigterm(self, signum: int) -> None:
         log.info(f"[rank: {self.global_rank}] Received SIGTERM: {signum}")
-        connector = self._trainer._signal_connector
-        if not connector.received_sigterm and self.launcher is not None:
+        if self.launcher is not None:
             self.launcher.kill(signum)
-        connector.received_sigterm = True
 
     def _warn_per_step_collectives(self, trainer) -> None:
         callbacks = self._ns("callbacks")
@@ -311,6 +310,7 @@ class _CodedReduceMixin(TrainLoaderMixin, GradientAggregationMixin, CollectivesM
             log.debug(f"reduce step {self._loaded_reduce_step} from the loader state, global step {trainer.global_step}")
         self._loaded_reduce_step = None
         self._reduce_step = start
+        self._logged_epoch = -1
         self._close_reducer()
         if self._known_dead:
             raise CodedReduceError(

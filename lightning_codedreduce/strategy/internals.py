@@ -63,6 +63,8 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("strategies.ddp", "DDPStrategy", "_configure_launcher", "overridden: checks the launched world size"),
     Internal("strategies.ddp", "DDPStrategy", "_layer_sync", "read: sync_batchnorm undoes straggler tolerance"),
     Internal("plugins.precision.amp", "MixedPrecision", "scaler", "read: a piece's backward is scaled like Lightning's"),
+    Internal("overrides.distributed", "_DatasetSamplerWrapper", "_sampler",
+             "read: names the user's sampler inside Lightning's DistributedSamplerWrapper in an error message"),
     Internal("callbacks.model_checkpoint", "ModelCheckpoint", "_train_time_interval",
              "read: a time-based checkpoint broadcasts every step (warned)"),
 )
@@ -70,7 +72,7 @@ INTERNALS: tuple[Internal, ...] = (
 # attributes set in __init__ rather than on the class: checked on an instance, or by the source of __init__
 _INSTANCE_ATTRIBUTES = {("Closure", "_result"), ("LightningModule", "_current_fx_name"),
                         ("LightningModule", "_trainer"), ("DDPStrategy", "_layer_sync"), ("MixedPrecision", "scaler"),
-                        ("ModelCheckpoint", "_train_time_interval")}
+                        ("ModelCheckpoint", "_train_time_interval"), ("_DatasetSamplerWrapper", "_sampler")}
 
 
 def lightning_version(namespace: str) -> str:
@@ -118,13 +120,21 @@ class LightningInternals:
                 self._fail(internal, f"has no {internal.owner}.{internal.attribute}")
 
     # ------------------------------------------------------------------ patches
-    def apply_patches(self, trainer, check_sigterm: Callable[[], None], sigterm_notifier: Callable) -> None:
-        """Replace the per-step SIGTERM broadcast by ``check_sigterm``, and its handler by ``sigterm_notifier``."""
+    def apply_patches(self, trainer, check_sigterm: Callable[[], None], on_first_sigterm: Callable[[int], None]) -> None:
+        """Replace the per-step SIGTERM broadcast by ``check_sigterm``, and the SIGTERM handler (whose matching
+        broadcast is gone) by one that calls ``on_first_sigterm(signum)`` once and records the signal."""
         epoch_loop = trainer.fit_loop.epoch_loop
         if any(obj is epoch_loop for obj, *_ in self._patched):
             return
+        connector = trainer._signal_connector
+
+        def sigterm_notifier(signum, frame) -> None:
+            if not connector.received_sigterm:
+                on_first_sigterm(signum)
+            connector.received_sigterm = True
+
         self._patch(epoch_loop, "_broadcast_sigterm_tensor", check_sigterm)
-        self._patch(trainer._signal_connector, "_sigterm_notifier_fn", sigterm_notifier)
+        self._patch(connector, "_sigterm_notifier_fn", sigterm_notifier)
 
     def _patch(self, obj: object, name: str, value: Any) -> None:
         had = name in vars(obj)
