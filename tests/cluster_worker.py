@@ -31,12 +31,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-import pytorch_lightning as pl  # noqa: E402
-
 import lightning_codedreduce  # noqa: E402,F401  (registers "codedreduce")
-from lightning_codedreduce import CodedReduceStrategy  # noqa: E402
 from lightning_codedreduce.callbacks import StragglerMonitor  # noqa: E402
-from lit_common import RecordsTraining, flat_params, make_dataset, make_net, param_hash  # noqa: E402
+from lightning_codedreduce.strategy import strategy_class  # noqa: E402
+from lit_common import RecordsTraining, flat_params, lightning, make_dataset, make_net, param_hash  # noqa: E402
+
+pl = lightning()
+CodedReduceStrategy = strategy_class(pl.__name__)
 
 A = None
 
@@ -162,7 +163,7 @@ class _Fault(pl.Callback):
 
 
 def sc_fault(name):
-    from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+    EarlyStopping, ModelCheckpoint = pl.callbacks.EarlyStopping, pl.callbacks.ModelCheckpoint
 
     rank = env_rank()
     validate = A.kill_at in ("validation", "anywhere")

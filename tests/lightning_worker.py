@@ -30,15 +30,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
 
-import importlib  # noqa: E402
-
 import lightning_codedreduce  # noqa: E402,F401  (registers "codedreduce")
 from lightning_codedreduce.strategy import strategy_class  # noqa: E402
 
-# CR_LIGHTNING=lightning.pytorch runs the same scenarios on the unified package, where installed
-pl = importlib.import_module(os.environ.get("CR_LIGHTNING", "pytorch_lightning"))
+from lit_common import DIM, RecordsTraining, flat_params, lightning, make_dataset, make_net, param_hash  # noqa: E402
+
+pl = lightning()
 CodedReduceStrategy = strategy_class(pl.__name__)
-from lit_common import DIM, RecordsTraining, flat_params, make_dataset, make_net, param_hash  # noqa: E402
 
 A = None  # parsed args
 

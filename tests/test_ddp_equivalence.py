@@ -37,9 +37,9 @@ def grid_name(shuffle: bool, drop_last: bool, accumulate: int) -> str:
 # ====================================================================== the scenarios (run in each rank)
 def _lightning():
     import lightning_codedreduce  # noqa: F401  (registers "codedreduce")
-    import pytorch_lightning as pl
+    from lit_common import lightning
 
-    return pl
+    return lightning()
 
 
 class Named(Dataset):

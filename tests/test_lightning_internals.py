@@ -7,22 +7,19 @@ import subprocess
 import pytest
 
 from lightning_codedreduce.strategy import internals
-from lightning_codedreduce.strategy.internals import INTERNALS, LightningInternals, LightningInternalsError
+from lightning_codedreduce.strategy.internals import (INTERNALS, LightningInternals, LightningInternalsError,
+                                                      lightning_version)
 
-NAMESPACE = "pytorch_lightning"
+from lit_common import NAMESPACE, lightning
 
 
 def test_the_installed_lightning_has_every_internal():
-    import pytorch_lightning as pl
-
-    LightningInternals(NAMESPACE).check(pl.Trainer(logger=False, enable_progress_bar=False))
+    LightningInternals(NAMESPACE).check(lightning().Trainer(logger=False, enable_progress_bar=False))
 
 
 @pytest.mark.parametrize("internal", INTERNALS, ids=lambda i: i.name)
 def test_a_missing_internal_stops_with_its_name_and_the_version(internal, monkeypatch):
-    import pytorch_lightning as pl
-
-    trainer = pl.Trainer(logger=False, enable_progress_bar=False)
+    trainer = lightning().Trainer(logger=False, enable_progress_bar=False)
     if not internal.module:  # an attribute of the Trainer instance (or of one it holds)
         owner = trainer
         for part in internal.owner.split(".")[1:]:
@@ -43,14 +40,15 @@ def test_a_missing_internal_stops_with_its_name_and_the_version(internal, monkey
     with pytest.raises(LightningInternalsError) as err:
         LightningInternals(NAMESPACE).check(trainer)
     message = str(err.value)
-    assert internal.name in message and f"pytorch_lightning {pl.__version__}" in message and ">=2.5,<2.7" in message
+    assert internal.name in message and lightning_version(NAMESPACE) in message and ">=2.5,<2.7" in message
 
 
 FIT_WITHOUT_AN_INTERNAL = """
-import pytorch_lightning as pl, torch
+import importlib, torch
 from torch.utils.data import DataLoader, TensorDataset
 import lightning_codedreduce
-from pytorch_lightning.loops import training_epoch_loop
+pl = importlib.import_module({namespace!r})
+training_epoch_loop = importlib.import_module({namespace!r} + ".loops.training_epoch_loop")
 from lightning_codedreduce.strategy.internals import LightningInternalsError
 
 del training_epoch_loop._TrainingEpochLoop._broadcast_sigterm_tensor
@@ -78,7 +76,7 @@ def test_fit_stops_at_set_up_when_an_internal_is_missing(tmp_path):
     raises before training starts."""
     from procs import PY, ROOT, clean_env, free_port
 
-    code = FIT_WITHOUT_AN_INTERNAL.format(root=str(tmp_path))
+    code = FIT_WITHOUT_AN_INTERNAL.format(root=str(tmp_path), namespace=NAMESPACE)
     env = clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     out = subprocess.run([PY, "-c", code], cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
