@@ -187,7 +187,7 @@ def run_cell(cell: dict, comm, data: dict, cfg: dict, index: int) -> dict:
     if reducer is not None:
         reducer.close()
         drained = reducer.drained
-        stats = list(reducer.finished_stats) + sorted(reducer._stats.values(), key=lambda s: s.step)
+        stats = reducer.stats()
         for s in stats:
             engine.append({"step": s.step, "local_ready": s.local_ready, "sent": s.sent, "result": s.result,
                            "used": list(s.used), "arrivals": {str(k): v for k, v in s.arrivals.items()}})

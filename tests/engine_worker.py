@@ -34,11 +34,14 @@ def main() -> None:
     p.add_argument("--gathers", type=int, default=0, help="control collectives after the last step")
     p.add_argument("--gather-victim", type=int, default=-1,
                    help="this rank marks gather_victim and sleeps before its first control collective (to be killed)")
+    p.add_argument("--layout", default="tree")
+    p.add_argument("--jitter-seed", type=int, default=1000)
+    p.add_argument("--chunk-bytes", type=int, default=1 << 20)
     p.add_argument("--out", required=True)
     a = p.parse_args()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
-    plan = CodedReducePlan(world, a.n, a.s)
+    plan = CodedReducePlan(world, a.n, a.s, layout=a.layout, chunk_bytes=a.chunk_bytes)
     batch = plan.global_batch_for(a.per_rank)
     data_rng = np.random.default_rng(1234)
     n_data = batch * 3
@@ -48,7 +51,7 @@ def main() -> None:
     X, Y = X32.double().numpy(), Y32.double().numpy()  # the reference sees the same (rounded) data
     shards = plan.shards(rank, batch)
     theta = torch.zeros(a.dim, dtype=torch.float32)
-    delay_rng = np.random.default_rng(1000 + rank)
+    delay_rng = np.random.default_rng(a.jitter_seed + rank)
     sleep_rank, sleep_step, sleep_secs = (a.sleep_once.split(":") + ["", "", ""])[:3] if a.sleep_once else (-1, -1, 0)
     slow_rank, slow_factor = a.slow.split(":") if a.slow else (-1, 1)
     out = {"rank": rank, "hashes": [], "errors": [], "applied_at": [], "skipped": [], "backlog": [],

@@ -185,3 +185,50 @@ def test_bad_frames_rejected(tmp_path):
     assert "UP frame for step 7" in res["step"]
     assert "sent 5" in res["length"] and "expected 4" in res["length"]
     assert "bad magic" in res["magic"]
+
+
+# ---------------------------------------------------------------------------- the balanced layout
+BALANCED = ["--layout", "balanced", "--dim", "3000", "--chunk-bytes", "1024"]  # 12 KB: several chunks per owner
+
+
+@pytest.mark.parametrize("world,s", [(2, 1), (4, 1), (7, 1), (7, 2), (13, 1), (5, 0)])
+def test_balanced_exact_under_random_delays(tmp_path, world, s):
+    run = launch("engine_worker.py", world, [*BALANCED, "--s", str(s), "--steps", "12", "--jitter", "0.03"], tmp_path)
+    run.check()
+    _assert_exact_and_identical(_results(run, range(world)))
+
+
+@pytest.mark.parametrize("sleeper", [0, 3])
+def test_balanced_sleeping_rank_root_included_does_not_stop_the_others(tmp_path, sleeper):
+    # W=7, s=1: groups {0,3,6} {1,4} {2,5}; the sleeper still serves its chunks while its compute sleeps
+    run = launch("engine_worker.py", 7, [*BALANCED, "--steps", "60", "--compute", "0.05",
+                                         "--sleep-once", f"{sleeper}:5:15"], tmp_path)
+    run.check()
+    res = _results(run, range(7))
+    start, end = res[sleeper]["sleep"]
+    for r in set(range(7)) - {sleeper}:
+        during = sum(1 for t in res[r]["applied_at"] if start < t < end)
+        assert during >= 15, f"rank {r} completed only {during} steps while rank {sleeper} slept"
+    assert len(res[sleeper]["skipped"]) >= 15  # it caught up by applying results, not by computing
+    _assert_exact_and_identical(res)
+
+
+def test_balanced_is_reproducible_whoever_arrives_first(tmp_path):
+    # two runs with different random delays: the same bits (owners sum one member per group, in group order)
+    thetas = []
+    for seed in (1, 2):
+        run = launch("engine_worker.py", 4, [*BALANCED, "--steps", "10", "--jitter", "0.05", "--jitter-seed",
+                                             str(seed)], tmp_path / str(seed))
+        run.check()
+        res = _results(run, range(4))
+        _assert_exact_and_identical(res)
+        thetas.append(res[0]["theta"])
+    assert thetas[0] == thetas[1]
+
+
+def test_balanced_dead_rank_stops_every_rank_naming_it(tmp_path):
+    run = launch("engine_worker.py", 7, [*BALANCED, "--steps", "400", "--compute", "0.05", "--timeout", "10"], tmp_path,
+                 actions=[(training_started, 4, signal.SIGKILL)])
+    res = _results(run, [r for r in range(7) if r != 4])
+    for r, d in res.items():
+        assert d["error"] is not None and "rank 4" in d["error"], f"rank {r}: {d['error']}"

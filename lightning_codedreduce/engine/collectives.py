@@ -23,14 +23,33 @@ from __future__ import annotations
 
 import collections
 import pickle
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 
+from .board import ResultBoard
+from .events import ControlValue, Event
 from .frames import FrameError, Header, Kind
+from .transport import Link
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .reducer import CodedReducer
+
+class ControlPort(Protocol):
+    """What the collectives need from the reducer's protocol (``protocol.Protocol`` provides it)."""
+
+    rank: int
+    board: ResultBoard  # results are handed to the caller under its condition
+
+    def control_parent(self) -> Optional[Link]: ...
+
+    def control_children(self) -> dict[int, Link]: ...
+
+    def gone(self, peer: int) -> bool: ...
+
+    def known_dead(self) -> frozenset[int]: ...
+
+    def send_down(self, header: Header, payload: torch.Tensor | None) -> None: ...
+
+    def starved_control(self) -> Optional[str]: ...
 
 
 def pack(obj: Any) -> torch.Tensor:
@@ -46,11 +65,13 @@ class TreeCollectives:
     """Control collectives of one :class:`CodedReducer`.
 
     ``all_gather_object`` is the caller's side; ``on_local``, ``on_frame`` and ``advance`` run on the
-    reducer's protocol thread (which owns the protocol state; results are shared under its condition).
+    reducer's protocol thread (which owns the protocol state; results are shared under the board's
+    condition). ``submit`` queues an event for the protocol thread.
     """
 
-    def __init__(self, reducer: CodedReducer):
-        self._reducer = reducer
+    def __init__(self, port: ControlPort, submit: Callable[[Event], None]):
+        self._port = port
+        self._submit = submit
         self._next_call = 0  # caller: number of the next collective
         self._assembling = 0  # protocol: collective whose upward message is being assembled
         self._next_down = 0  # protocol: next CTRL_DOWN expected from the parent
@@ -61,21 +82,22 @@ class TreeCollectives:
     # ------------------------------------------------------------------ caller
     def all_gather_object(self, obj: Any) -> tuple[dict[int, Any], frozenset[int]]:
         """Every surviving rank's ``obj`` as ``{rank: obj}``, and the ranks known dead (same on every survivor)."""
-        r = self._reducer
+        board = self._port.board
         seq, self._next_call = self._next_call, self._next_call + 1
-        r._events.put(("ctrl", seq, obj))
-        with r._cond:
-            r._wait_until(lambda: seq in self._results, f"collective {seq} completed")
+        self._submit(ControlValue(seq, obj))
+        with board.cond:
+            board.wait(lambda: seq in self._results, f"collective {seq} completed", self._port.starved_control)
             return self._results.pop(seq)
 
     # ------------------------------------------------------------------ protocol thread
     def on_local(self, seq: int, obj: Any) -> None:
-        self._local[seq] = {self._reducer.rank: obj}
+        self._local[seq] = {self._port.rank: obj}
 
     def on_frame(self, src: int, header: Header, payload: torch.Tensor) -> None:
-        r = self._reducer
+        port = self._port
+        parent = port.control_parent()
         if header.kind == Kind.CTRL_DOWN:
-            if src != r.plan.parent(r.rank):
+            if parent is None or src != parent.peer:
                 raise FrameError(f"CTRL_DOWN frame from rank {src}, which is not this rank's parent")
             if header.step != self._next_down:
                 raise FrameError(f"CTRL_DOWN frame for collective {header.step} from rank {src}; "
@@ -84,41 +106,40 @@ class TreeCollectives:
             values, dead = self._decode(src, payload, down=True)
             self._deliver(header.step, payload, values, dead)
             return
-        if src not in r._children:
-            raise FrameError(f"CTRL_UP frame from rank {src}, which is not a child of rank {r.rank}")
+        if src not in port.control_children():
+            raise FrameError(f"CTRL_UP frame from rank {src}, which is not a child of rank {port.rank}")
         if header.step != self._assembling:  # a child cannot run ahead: it waits for this collective's result
-            raise FrameError(f"CTRL_UP frame for collective {header.step} from rank {src} while rank {r.rank} "
+            raise FrameError(f"CTRL_UP frame for collective {header.step} from rank {src} while rank {port.rank} "
                              f"assembles collective {self._assembling}")
         self._arrived[header.step][src] = self._decode(src, payload, down=False)
 
     def advance(self) -> None:
         """Send this rank's merged values up (or, at the root, the result down) once nothing alive is missing."""
-        r = self._reducer
+        port = self._port
         seq = self._assembling
         if seq not in self._local:
             return
         arrived = self._arrived.get(seq, {})
-        if any(c not in arrived and c not in r.dead and c not in r._finished for c in r._children):
+        if any(c not in arrived and not port.gone(c) for c in port.control_children()):
             return
         merged = dict(self._local.pop(seq))
         for values in self._arrived.pop(seq, {}).values():
             merged.update(values)
         self._assembling = seq + 1
-        if r._parent is not None:
+        parent = port.control_parent()
+        if parent is not None:
             payload = pack(merged)
-            r._parent.send(Header(Kind.CTRL_UP, seq, payload.numel(), torch.uint8, r.rank), payload)
+            parent.send(Header(Kind.CTRL_UP, seq, payload.numel(), torch.uint8, port.rank), payload)
             return
-        dead = frozenset(r.dead)
+        dead = port.known_dead()
         self._deliver(seq, pack((merged, sorted(dead))), merged, dead)
 
     def _deliver(self, seq: int, payload: torch.Tensor, values: dict[int, Any], dead: frozenset[int]) -> None:
-        r = self._reducer
-        for link in r._children.values():
-            if link.peer not in r.dead:
-                link.send(Header(Kind.CTRL_DOWN, seq, payload.numel(), torch.uint8, r.rank), payload)
-        with r._cond:
+        port = self._port
+        port.send_down(Header(Kind.CTRL_DOWN, seq, payload.numel(), torch.uint8, port.rank), payload)
+        with port.board.cond:
             self._results[seq] = (values, dead)
-            r._cond.notify_all()
+            port.board.cond.notify_all()
 
     @staticmethod
     def _decode(src: int, payload: torch.Tensor, down: bool):

@@ -2,8 +2,9 @@
 
 Data frames are never pickled; control frames (``CTRL_*``) carry pickled small values, see ``collectives.py``.
 
-Header: ``[MAGIC, fingerprint, kind, step, numel, dtype, src, extra]``. Every frame is checked
-against the receiver's plan fingerprint and link before its payload is used.
+Header: ``[MAGIC, fingerprint, kind, step, numel, dtype, src, extra, total]``. Every frame is checked
+against the receiver's plan fingerprint and link before its payload is used. Chunk frames (the balanced
+layout, ``balanced.py``) carry the chunk's index in ``extra`` and the whole message's length in ``total``.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 MAGIC = 0x43524544  # "CRED"
-HEADER_LEN = 8
+HEADER_LEN = 9
 
 
 class Kind(enum.IntEnum):
@@ -24,9 +25,11 @@ class Kind(enum.IntEnum):
     BYE = 5  # orderly shutdown of a link
     CTRL_UP = 6  # child -> parent: values of a control collective (pickled, see collectives.py)
     CTRL_DOWN = 7  # parent -> child: a control collective's result
+    CHUNK_UP = 8  # any rank -> a chunk's owner: that chunk of the rank's coded gradient (balanced layout)
+    CHUNK_DOWN = 9  # owner -> every rank: the chunk's reduced sum (balanced layout)
 
 
-WITH_PAYLOAD = (Kind.UP, Kind.DOWN, Kind.CTRL_UP, Kind.CTRL_DOWN)
+WITH_PAYLOAD = (Kind.UP, Kind.DOWN, Kind.CTRL_UP, Kind.CTRL_DOWN, Kind.CHUNK_UP, Kind.CHUNK_DOWN)
 
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.uint8]
@@ -44,11 +47,12 @@ class Header:
     dtype: torch.dtype | None
     src: int
     extra: int = -1
+    total: int = 0
 
     def encode(self, fingerprint: int) -> torch.Tensor:
         code = -1 if self.dtype is None else DTYPES.index(self.dtype)
-        return torch.tensor([MAGIC, fingerprint, int(self.kind), self.step, self.numel, code, self.src, self.extra],
-                            dtype=torch.int64)
+        return torch.tensor([MAGIC, fingerprint, int(self.kind), self.step, self.numel, code, self.src, self.extra,
+                             self.total], dtype=torch.int64)
 
 
 def fingerprint_int(fingerprint: str) -> int:
@@ -58,7 +62,7 @@ def fingerprint_int(fingerprint: str) -> int:
 
 def decode_header(raw: torch.Tensor, fingerprint: int, expected_src: int) -> Header:
     """Parse and validate a received header; raise ``FrameError`` naming what is wrong."""
-    magic, fp, kind, step, numel, dtype, src, extra = (int(x) for x in raw.tolist())
+    magic, fp, kind, step, numel, dtype, src, extra, total = (int(x) for x in raw.tolist())
     if magic != MAGIC:
         raise FrameError(f"malformed frame from rank {expected_src}: bad magic {magic:#x}")
     if fp != fingerprint:
@@ -73,6 +77,6 @@ def decode_header(raw: torch.Tensor, fingerprint: int, expected_src: int) -> Hea
         raise FrameError(f"malformed frame from rank {src}: unknown kind {kind}") from None
     if numel < 0 or (kind in WITH_PAYLOAD) != (numel > 0) or not -1 <= dtype < len(DTYPES):
         raise FrameError(f"malformed {kind.name} frame from rank {src}: length {numel}, dtype code {dtype}")
-    if step < 0:
-        raise FrameError(f"malformed {kind.name} frame from rank {src}: negative step {step}")
-    return Header(kind, step, numel, None if dtype < 0 else DTYPES[dtype], src, extra)
+    if step < 0 or total < 0:
+        raise FrameError(f"malformed {kind.name} frame from rank {src}: negative step {step} or length {total}")
+    return Header(kind, step, numel, None if dtype < 0 else DTYPES[dtype], src, extra, total)

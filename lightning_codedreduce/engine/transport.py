@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from .events import BadFrame, FrameArrived, PeerDead
 from .frames import HEADER_LEN, FrameError, Header, Kind, decode_header
 
 TAG = 0xC0DE
@@ -45,7 +46,8 @@ def check_transport(transport: str) -> None:
 
 
 def link_groups(plan, rank: int, group, timeout: float, transport: str = "gloo") -> dict:
-    """Create the process groups of every tree link, collectively (every rank, the same order).
+    """Create the process groups of every link of the plan (``plan.links()``), collectively (every rank,
+    the same order).
 
     Every link gets communicators of its own. gloo, when a receive times out, closes *every* pair of its
     context ("Application timeout caused pair closure"): on one shared group, a peer silent for longer
@@ -60,10 +62,7 @@ def link_groups(plan, rank: int, group, timeout: float, transport: str = "gloo")
     backend = "nccl" if transport == "nccl" else "gloo"
     pg_timeout = datetime.timedelta(seconds=max(600.0, 20 * timeout))  # the links do their own timeouts
     out: dict[int, tuple] = {}
-    for child in range(plan.world_size):  # the same order on every rank: new_group is collective
-        parent = plan.parent(child)
-        if parent is None:
-            continue
+    for parent, child in plan.links():  # the same order on every rank: new_group is collective
         ranks = sorted((global_rank(parent), global_rank(child)))
         down = dist.new_group(ranks, backend=backend, timeout=pg_timeout)
         up = dist.new_group(ranks, backend=backend, timeout=pg_timeout) if backend == "nccl" else down
@@ -134,7 +133,7 @@ class Link:
                     self._send(payload)
             except Exception as err:  # peer died or link broke: report, stop using the link
                 if not self.closed.is_set():
-                    self.events.put(("dead", self.peer, self._why(err, "send failed: ")))
+                    self.events.put(PeerDead(self.peer, self._why(err, "send failed: ")))
                 self.closed.set()
                 self._abort()
                 return
@@ -154,15 +153,15 @@ class Link:
                 if header.numel:
                     payload = self._receive(header.numel, header.dtype)
             except FrameError as err:
-                self.events.put(("bad", self.peer, str(err)))
+                self.events.put(BadFrame(self.peer, str(err)))
                 return
             except Exception as err:
                 if not self.closed.is_set():
-                    self.events.put(("dead", self.peer, self._why(err)))
+                    self.events.put(PeerDead(self.peer, self._why(err)))
                 self.closed.set()  # nobody will read what we would send: unblock writers
                 self._abort()
                 return
-            self.events.put(("frame", self.peer, header, payload))
+            self.events.put(FrameArrived(self.peer, header, payload))
             if header.kind == Kind.BYE:
                 return
 

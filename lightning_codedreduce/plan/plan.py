@@ -17,6 +17,7 @@ from functools import cached_property, lru_cache
 
 import numpy as np
 
+from .layout import DEFAULT_CHUNK_BYTES, LAYOUTS, BalancedGroups, choose_layout
 from .tree import Node, build_tree
 
 CODES = ("auto", "frc")
@@ -83,9 +84,14 @@ class CodedReducePlan:
         code: ``"auto"`` (fractional repetition where ``s+1`` divides the fan-out, block codes
             otherwise) or ``"frc"`` (fractional repetition only).
         seed: seeds the search for remainder-block codes; every rank must use the same.
+        layout: ``"tree"`` (the paper's), ``"balanced"`` (chunks owned by every rank, fractional
+            repetition over all ranks; see ``layout.py``) or ``"auto"`` (by ``gradient_bytes``).
+        gradient_bytes: size of the message reduced every step (``layout="auto"`` decides by it).
+        chunk_bytes: chunk size of the balanced layout.
     """
 
-    def __init__(self, world_size: int, branching: int = 3, stragglers: int = 1, code: str = "auto", seed: int = 0):
+    def __init__(self, world_size: int, branching: int = 3, stragglers: int = 1, code: str = "auto", seed: int = 0,
+                 layout: str = "tree", gradient_bytes: int | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
         self.world_size = check_int("world_size", world_size, 1, "use the number of training processes")
         self.branching = check_int("branching", branching, 2, "each parent needs at least 2 children, e.g. branching=3")
         self.stragglers = check_int("stragglers", stragglers, 0, "use 0 for an uncoded tree, 1 to tolerate one straggler per parent")
@@ -98,6 +104,25 @@ class CodedReducePlan:
         if code not in CODES:
             raise ValueError(f"unknown code {code!r}; choose one of {', '.join(map(repr, CODES))}")
         self.code = code
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(map(repr, LAYOUTS))} ('auto' picks "
+                             "'balanced' for bandwidth-bound gradients, 'tree' for small ones)")
+        if gradient_bytes is not None:
+            gradient_bytes = check_int("gradient_bytes", gradient_bytes, 0, "pass the gradient's size in bytes")
+        self.chunk_bytes = check_int("chunk_bytes", chunk_bytes, 1024, "use e.g. 1 MiB (1 << 20)")
+        self.layout, self.layout_reason = (choose_layout(self.world_size, gradient_bytes) if layout == "auto"
+                                           else (layout, f"layout={layout!r}"))
+        #: the balanced layout's groups (None for the tree)
+        self.balanced: BalancedGroups | None = None
+        if self.layout == "balanced":
+            if self.world_size < self.stragglers + 1:
+                raise ValueError(f"the balanced layout needs at least stragglers+1 = {self.stragglers + 1} ranks to "
+                                 f"tolerate {self.stragglers} straggler(s), got world_size={self.world_size}")
+            self.balanced = BalancedGroups(self.world_size, self.stragglers)
+            # the control collectives' tree: every rank under rank 0 (data travels on the chunk owners' links)
+            self.nodes = [Node(0, None, tuple(range(1, self.world_size)), None, 1.0, (1.0,))]
+            self.nodes += [Node(r, 0, (), None, 1.0, (1.0,)) for r in range(1, self.world_size)]
+            return
         try:
             self.nodes: list[Node] = build_tree(self.world_size, self.branching, self.stragglers, code, self.seed)
         except ValueError as err:
@@ -120,13 +145,24 @@ class CodedReducePlan:
     def children(self, rank: int) -> list[int]:
         return list(self.nodes[rank].children)
 
+    def links(self) -> list[tuple[int, int]]:
+        """The point-to-point links every rank creates, in the same order: ``(parent, child)`` of every tree
+        edge; in the balanced layout every pair of ranks (every rank owns chunks)."""
+        if self.balanced is not None:
+            return [(a, b) for a in range(self.world_size) for b in range(a + 1, self.world_size)]
+        return [(self.parent(c), c) for c in range(1, self.world_size)]
+
     def tolerance(self, rank: int) -> int:
-        """Stragglers tolerated among ``rank``'s children (0 for a leaf)."""
+        """Stragglers tolerated among ``rank``'s children (0 for a leaf); the balanced layout: per chunk owner."""
+        if self.balanced is not None:
+            return self.stragglers
         code = self.nodes[rank].code
         return code.s if code else 0
 
     @cached_property
     def depth(self) -> int:
+        if self.balanced is not None:
+            return 1  # to the chunk's owner, back from it
         depth = [0] * self.world_size
         for node in self.nodes[1:]:
             depth[node.rank] = depth[node.parent] + 1
@@ -135,12 +171,16 @@ class CodedReducePlan:
     @cached_property
     def reduced_tolerance(self) -> list[int]:
         """Parents that tolerate fewer than ``stragglers`` (they have too few children)."""
+        if self.balanced is not None:
+            return []
         return [n.rank for n in self.nodes if n.children and self.tolerance(n.rank) < self.stragglers]
 
     # ---------------------------------------------------------------- loads
     @cached_property
     def loads(self) -> np.ndarray:
         """Each rank's compute load as a fraction of the global batch."""
+        if self.balanced is not None:
+            return np.full(self.world_size, 1.0 / self.balanced.count)
         data = np.zeros(self.world_size)
         data[0] = 1.0
         load = np.zeros(self.world_size)
@@ -193,6 +233,11 @@ class CodedReducePlan:
 
     @lru_cache(maxsize=8)
     def _allocate(self, global_batch_size: int) -> tuple[tuple[Shard, ...], ...]:
+        if self.balanced is not None:  # group g: the g-th contiguous part; every member computes all of it
+            sizes = _round_split(global_batch_size, (1.0 / self.balanced.count,) * self.balanced.count)
+            starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+            return tuple(((Shard(int(starts[g]), int(starts[g + 1]), 1.0),) if sizes[g] else ())
+                         for g in map(self.balanced.group_of, range(self.world_size)))
         data: list[Segments] = [[] for _ in range(self.world_size)]
         data[0] = [Shard(0, global_batch_size, 1.0)]
         local: list[tuple[Shard, ...]] = [()] * self.world_size
@@ -213,8 +258,10 @@ class CodedReducePlan:
     def decoder(self, rank: int, arrived) -> dict[int, float] | None:
         """Coefficient per arrived child so that ``local + sum(coef * message)`` is ``rank``'s output.
 
-        ``None`` when the arrived children do not yet determine it (keep waiting).
+        ``None`` when the arrived children do not yet determine it (keep waiting). Tree layout only.
         """
+        if self.balanced is not None:
+            raise ValueError("the balanced layout has no tree to decode: owners take one member per group")
         node = self.nodes[rank]
         if not node.children:
             return {}
@@ -228,6 +275,8 @@ class CodedReducePlan:
     def tolerates(self, stragglers) -> bool:
         """Whether the root can decode when the ranks in ``stragglers`` never send."""
         dead = set(stragglers)
+        if self.balanced is not None:  # slow compute anywhere, rank 0 included: owners still serve their chunks
+            return self.balanced.tolerates(dead)
         if 0 in dead:
             return False
         return self._decodes(0, dead)
@@ -235,8 +284,11 @@ class CodedReducePlan:
     def survives(self, dead) -> bool:
         """Whether the reduce goes on when the ranks in ``dead`` are gone, by the engine's rule: every live
         rank's parent is alive and every live parent decodes from its live children. Stricter than
-        ``tolerates`` (the root could decode without a whole subtree, but its orphans cannot go on)."""
+        ``tolerates`` (the root could decode without a whole subtree, but its orphans cannot go on).
+        The balanced layout needs every process (every rank owns chunks): it tolerates slow ranks, not dead ones."""
         dead = set(dead)
+        if self.balanced is not None:
+            return not dead
         for rank in range(self.world_size):
             if rank in dead:
                 continue
@@ -290,6 +342,8 @@ class CodedReducePlan:
             "codes": [None if n.code is None else np.round(n.code.matrix, 9).tolist() for n in self.nodes],
             "split": [[round(x, 9) for x in n.split] for n in self.nodes],
         }
+        if self.balanced is not None:
+            spec.update(layout="balanced", chunk_bytes=self.chunk_bytes)
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
     def describe(self) -> str:
@@ -300,6 +354,15 @@ class CodedReducePlan:
             f"  depth {self.depth}, redundancy {self.redundancy:.3f}, load imbalance {self.load_imbalance:.3f}, "
             f"min global batch {self.min_global_batch_size}",
         ]
+        if self.balanced is not None:
+            lines.append(f"  layout balanced ({self.layout_reason}): chunks of {self.chunk_bytes / 2 ** 20:g} MiB, chunk c "
+                         f"owned by rank c mod {self.world_size}; every rank sends each chunk to its owner, the owner "
+                         "sums the first arrival of each group and sends the chunk to every rank")
+            lines.append(f"  {self.balanced.count} fractional-repetition groups (each computes 1/{self.balanced.count} "
+                         f"of the batch; any slow rank tolerated if its group has another member; no dead rank):")
+            lines += [f"    group {g}: ranks {list(m)}" for g, m in enumerate(self.balanced.groups)]
+            return "\n".join(lines)
+        lines.append(f"  layout tree ({self.layout_reason})")
         if self.reduced_tolerance:
             lines.append(f"  reduced tolerance at parents {self.reduced_tolerance} (too few children)")
         mean = self.loads.mean()
@@ -318,8 +381,9 @@ class CodedReducePlan:
         return "\n".join(lines)
 
     def __repr__(self) -> str:
+        layout = "" if self.balanced is None else ", layout='balanced'"
         return (f"CodedReducePlan(world_size={self.world_size}, branching={self.branching}, "
-                f"stragglers={self.stragglers}, code={self.code!r}, seed={self.seed})")
+                f"stragglers={self.stragglers}, code={self.code!r}, seed={self.seed}{layout})")
 
 
 def _merge(segments: Segments) -> Segments:
