@@ -34,6 +34,22 @@ from lightning_codedreduce.engine import CodedReducer  # noqa: E402
 from lightning_codedreduce.engine.transport import TAG  # noqa: E402
 
 
+def net_bytes() -> tuple[int, int]:
+    """(received, sent) bytes of this process's network namespace, loopback excluded (0 on loopback runs)."""
+    rx = tx = 0
+    try:
+        lines = Path("/proc/net/dev").read_text().splitlines()[2:]
+    except OSError:
+        return 0, 0
+    for line in lines:
+        name, _, fields = line.partition(":")
+        if name.strip() == "lo":
+            continue
+        values = fields.split()
+        rx, tx = rx + int(values[0]), tx + int(values[8])
+    return rx, tx
+
+
 def sleep_until(t: float) -> None:
     while True:
         left = t - time.monotonic()
@@ -136,6 +152,7 @@ def run_cell(cell: dict, comm, data: dict, cfg: dict, index: int) -> dict:
     strag = Stragglers(spec, world, compute_s, seed=seed + 1000 * cell.get("rep", 0), t0=t0)
     sleep_until(t0)
     cpu0 = time.process_time()
+    rx0, tx0 = net_bytes()
     ema = None
     recs = []
     for step in range(steps):
@@ -182,6 +199,7 @@ def run_cell(cell: dict, comm, data: dict, cfg: dict, index: int) -> dict:
             opt.step()
         rec["t_done"] = time.monotonic()
         recs.append(rec)
+    rx1, tx1 = net_bytes()
     engine = []
     drained = 0
     if reducer is not None:
@@ -195,6 +213,7 @@ def run_cell(cell: dict, comm, data: dict, cfg: dict, index: int) -> dict:
     out = {"rank": rank, "world": world, "cell": cell["id"], "t0": t0, "global_batch": B, "samples": int(pos.size),
            "compute_s": compute_s[rank], "numel": numel, "records": recs, "engine": engine, "drained": drained,
            "checksum": checksum, "cpu_s": time.process_time() - cpu0,
+           "rx_bytes": rx1 - rx0, "tx_bytes": tx1 - tx0,
            "heavy_episodes": [list(e) for e in strag.episodes(recs[-1]["t_done"])] if spec.name == "heavy" and rank == 0 else []}
     comm.barrier()  # everyone finished (lagging ranks caught up) before the next cell starts
     return out

@@ -61,6 +61,10 @@ def cell_metrics(ranks: list[dict], cfg: dict) -> dict:
         "checksums_agree": (max(rk["checksum"] for rk in ranks) - min(rk["checksum"] for rk in ranks))
         <= 1e-6 * max(1.0, abs(r0["checksum"])),
         "checksum": r0["checksum"], "drained": sum(rk["drained"] for rk in ranks),
+        # per rank per step, through the rank's own network namespace (0 on loopback): the busiest rank
+        "rx_mb_per_step_max": max(rk.get("rx_bytes", 0) for rk in ranks) / S / 1e6,
+        "tx_mb_per_step_max": max(rk.get("tx_bytes", 0) for rk in ranks) / S / 1e6,
+        "rx_mb_per_step_mean": _mean(rk.get("rx_bytes", 0) / S / 1e6 for rk in ranks),
     }
     # gaps between a rank's steps (loop overhead between t_done and the next compute start)
     gaps = [rk["records"][i + 1].get("start", rk["records"][i + 1]["t_in"]) - rk["records"][i]["t_done"]
@@ -170,7 +174,7 @@ def analyse(raw: Path, meta: dict, data_dir: Path, with_sim: bool = True) -> dic
 
 
 def _is_cr_s1(name: str) -> bool:
-    return name == "cr_n3_s1" or name.startswith("cr_flat")
+    return name in ("cr_n3_s1", "crb_s1") or name.startswith("cr_flat")
 
 
 def ratios(cells: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -181,8 +185,9 @@ def ratios(cells: list[dict]) -> tuple[list[dict], list[dict]]:
     for (W, wl, model), by in sorted(groups.items()):
         for cr in [c for c in by.values() if c["kind"] == "coded"]:
             for base in by.values():
-                if base is cr or (base["kind"] == "coded" and not (cr["scheme"] != base["scheme"] and
-                                                                    base["scheme"].startswith("tree"))):
+                earlier_layout = cr["scheme"] == "crb_s1" and base["scheme"] == "cr_n3_s1"  # balanced vs the tree
+                if base is cr or (base["kind"] == "coded" and not earlier_layout and not (
+                        cr["scheme"] != base["scheme"] and base["scheme"].startswith("tree"))):
                     continue
                 ttt = (base["time_to_target_s"] / cr["time_to_target_s"]
                        if base["time_to_target_s"] and cr["time_to_target_s"] else None)
@@ -423,6 +428,39 @@ def markdown(results: dict) -> str:
                          f"{r['rar'] / r['cr_s1'] / r['R_cr_s1']:.2f}x | {r['gc_s1'] / r['cr_s1']:.2f}x |")
         lines.append("")
     return "\n".join(lines)
+
+
+def size_table(results: dict) -> str:
+    """Issue 11's model-size table: per W, gradient size and straggler model, step time of every scheme,
+    the balanced layout's ratios against each (same per-rank batch), and the busiest rank's MB per step."""
+    cells = results["cells"]
+    schemes = ("crb_s1", "cr_n3_s1", "ddp", "horovod")
+    out = [f"{'W':>3} {'grad MB':>7} {'stragglers':10} " + " ".join(f"{s + ' ms':>12}" for s in schemes)
+           + f" {'bal vs tree':>11} {'bal vs DDP':>10} {'bal vs Hvd':>10} {'bal/DDP samples/s':>17} "
+           + " ".join(f"{s + ' MB in/out':>18}" for s in schemes)]
+    for key in sorted({(m["W"], m["msg_bytes"], m["workload"], m["stragglers"]) for m in cells}):
+        W, size, wl, model = key
+        by = {m["scheme"]: m for m in cells if (m["W"], m["msg_bytes"], m["workload"], m["stragglers"]) == key}
+        if "crb_s1" not in by:
+            continue
+        bal = by["crb_s1"]
+
+        def ratio(name, field="step_s", inverse=False):
+            if name not in by:
+                return "–"
+            v = by[name][field] / bal[field] if not inverse else bal[field] / by[name][field]
+            return f"{v:.2f}x"
+
+        out.append(f"{W:>3} {size / 1e6:7.1f} {model:10} "
+                   + " ".join(f"{by[s]['step_s'] * 1e3:12.0f}" if s in by else f"{'–':>12}" for s in schemes)
+                   + f" {ratio('cr_n3_s1'):>11} {ratio('ddp'):>10} {ratio('horovod'):>10} "
+                   + f"{ratio('ddp', 'samples_per_s', inverse=True):>17} "
+                   + " ".join(f"{by[s]['rx_mb_per_step_max']:8.1f}/{by[s]['tx_mb_per_step_max']:<8.1f} " if s in by
+                              else f"{'–':>18}" for s in schemes))
+    out.append(f"R: crb_s1 {next((m['R'] for m in cells if m['scheme'] == 'crb_s1'), 0):.2f} (balanced groups), "
+               f"cr_n3_s1 {next((m['R'] for m in cells if m['scheme'] == 'cr_n3_s1'), 0):.2f}, DDP/Horovod 1.00 "
+               "(same per-rank batch: the coded global batch is W/R x per-rank)")
+    return "\n".join(out)
 
 
 def headline(results: dict) -> str:

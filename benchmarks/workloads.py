@@ -36,6 +36,12 @@ WORKLOADS = {
     # a small NN: 3-layer MLP, ~265k parameters (about 1 MB of float32 gradient per message)
     "mlp": dict(features=256, samples=8192, classes=10, hidden=(512, 256), per_rank_batch=32, lr=0.5,
                 compute_s=0.06, target_loss=2.0),
+    # real model sizes (issue 11): a linear classifier plus a dense "bank" of parameters, 25 MB and 100 MB
+    # of float32 gradient; cheap to compute (O(bank) per step), so the CPU is left to the communication
+    "wide25": dict(features=64, samples=8192, classes=10, bank=25 * 2 ** 18, per_rank_batch=32, lr=0.5,
+                   compute_s=0.1, target_loss=2.2),
+    "wide100": dict(features=64, samples=8192, classes=10, bank=100 * 2 ** 18, per_rank_batch=32, lr=0.5,
+                    compute_s=0.1, target_loss=2.2),
 }
 
 
@@ -70,6 +76,26 @@ def make_data(name: str, data_dir: Path, seed: int = 0) -> tuple[Path, Path]:
     return xp, yp
 
 
+def _wide_model(spec: dict):
+    """``logits = W x + b + z d`` with ``z = (P . u) / sqrt(len(P))``: P's gradient is dense and depends on every
+    sample (``sum_i (dL_i/dlogits_i . d) u / sqrt(len(P))``), at O(len(P)) cost per step."""
+    import torch
+    from torch import nn
+
+    class Wide(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(spec["features"], spec["classes"])
+            self.bank = nn.Parameter(torch.zeros(spec["bank"]))
+            self.register_buffer("u", torch.randn(spec["bank"]) / spec["bank"] ** 0.5)
+            self.register_buffer("d", torch.randn(spec["classes"]))
+
+        def forward(self, x):
+            return self.head(x) + (self.bank @ self.u) * self.d
+
+    return Wide()
+
+
 def build_model(name: str):
     """The workload's model with seeded (identical everywhere) initial weights."""
     import torch
@@ -77,6 +103,8 @@ def build_model(name: str):
 
     spec = WORKLOADS[name]
     torch.manual_seed(1234)
+    if "bank" in spec:
+        return _wide_model(spec)
     if name == "logreg":
         model = nn.Linear(spec["features"], 1)
         nn.init.zeros_(model.weight)
@@ -107,9 +135,12 @@ class Scheme:
     kind: str  # coded | gc | allreduce | horovod
     branching: int = 0
     stragglers: int = 0
+    layout: str = "tree"  # coded: the plan's layout (tree | balanced)
 
     @property
     def label(self) -> str:
+        if self.kind == "coded" and self.layout == "balanced":
+            return f"CodedReduce balanced s={self.stragglers}"
         if self.kind == "coded":
             return f"CodedReduce n={self.branching} s={self.stragglers}" if self.stragglers else \
                 f"uncoded tree n={self.branching} (s=0)"
@@ -119,7 +150,7 @@ class Scheme:
 
 def default_schemes(world: int) -> list[Scheme]:
     flat = world - 1
-    out = [Scheme("cr_n3_s1", "coded", 3, 1)]
+    out = [Scheme("cr_n3_s1", "coded", 3, 1), Scheme("crb_s1", "coded", 3, 1, "balanced")]
     if flat != 3:
         out.append(Scheme(f"cr_flat_n{flat}_s1", "coded", flat, 1))
     out += [Scheme("tree_n3_s0", "coded", 3, 0), Scheme("ddp", "allreduce"), Scheme("gc_s1", "gc", flat, 1),
@@ -129,7 +160,7 @@ def default_schemes(world: int) -> list[Scheme]:
 
 def scheme_plan(scheme: Scheme, world: int):
     if scheme.kind == "coded":
-        return CodedReducePlan(world, scheme.branching, scheme.stragglers)
+        return CodedReducePlan(world, scheme.branching, scheme.stragglers, layout=scheme.layout)
     if scheme.kind == "gc":
         return MasterWorkerPlan(world, scheme.stragglers)
     return None

@@ -9,6 +9,10 @@ runtime's semantics (no global barrier; a lagging rank applies results it missed
   its children.
 * ``gc``   master-worker gradient coding (Tandon et al.): a flat plan, W-1 workers under a master
   that does not compute (``MasterWorkerPlan``); the master decodes from the first decodable set.
+* ``cr`` with ``layout="balanced"``: every rank sends chunk ``c`` of its gradient to the chunk's owner
+  ``c mod W`` (all owners at once: its egress carries ``(W-1)/W`` of the gradient); an owner reduces a
+  chunk once the first member of every fractional-repetition group is in, and sends it to every rank
+  (again ``(W-1)/W`` of the gradient through each host's links). See ``plan/layout.py``.
 * ``rar``  ring all-reduce (Horovod, gloo/DDP): waits for every worker, then 2(W-1) ring steps of
   M/W bytes each.
 
@@ -269,7 +273,7 @@ class Topology:
                         self.where[node.children[slot]] = (bi, bit)
                     tables.append(block.table)
             self.blocks.append(tables)
-        self.loads = self._loads(plan)
+        self.loads = plan.loads if plan.balanced is not None else self._loads(plan)
         self.redundancy = float(self.loads.sum())
 
     @staticmethod
@@ -349,6 +353,42 @@ def _tree_step(topo: Topology, local: list[float], msg_bytes: float, net: Networ
     return result, root_info
 
 
+def _balanced_step(topo: Topology, local: list[float], msg_bytes: float, net: NetworkModel):
+    """Chunk owners (``layout="balanced"``): same contract as ``_tree_step``.
+
+    Fluid model: a rank's parts for the ``W-1`` other owners leave together, sharing its egress, so each
+    arrives ``(W-1) M/W`` of transfer after its gradient (plus latency); an owner decodes at the latest of
+    its groups' first arrivals; its reduced chunks then share its egress to ``W-1`` ranks, and a rank has
+    the result when the last owner's chunks are in. ``msg_cpu_s`` is paid per chunk message handled."""
+    W = topo.world
+    plan = topo.plan
+    if W == 1:
+        return [local[0]], (0, local[0])
+    chunks = len(_chunk_count(plan, msg_bytes))
+    per_owner = math.ceil(chunks / W)
+    spread = (W - 1) * msg_bytes / W * 8 / net.bandwidth_bps  # a host's (W-1)/W of the gradient at full rate
+    cpu = (W - 1) * per_owner * net.msg_cpu_s
+    decode_one = msg_bytes / W / net.decode_bytes_per_s
+    groups = plan.balanced.groups
+    reduced = []
+    for o in range(W):
+        def arrival(r: int) -> float:
+            if local[r] == math.inf:
+                return math.inf
+            return local[r] if r == o else local[r] + net.latency_s + spread
+        firsts = [min(arrival(r) for r in members) for members in groups]
+        reduced.append(max(firsts) + cpu + len(groups) * decode_one)
+    done = max(reduced)
+    result = [done + net.latency_s + spread + cpu] * W if done < math.inf else [math.inf] * W
+    return result, (len(groups), done)
+
+
+def _chunk_count(plan, msg_bytes: float) -> list[tuple[int, int]]:
+    from .plan.layout import chunk_bounds
+
+    return chunk_bounds(max(1, int(msg_bytes // 4)), 4, plan.world_size, plan.chunk_bytes)
+
+
 # ---------------------------------------------------------------------------- multi-step simulation
 @dataclass
 class SimResult:
@@ -372,9 +412,9 @@ class SimResult:
         return float((self.step_end[-1] - self.step_end[w]) / (len(self.step_end) - 1 - w))
 
 
-def make_plan(scheme: str, world: int, branching: int = 3, stragglers: int = 1):
+def make_plan(scheme: str, world: int, branching: int = 3, stragglers: int = 1, layout: str = "tree"):
     if scheme == "cr":
-        return CodedReducePlan(world, branching, stragglers)
+        return CodedReducePlan(world, branching, stragglers, layout=layout)
     if scheme == "gc":
         return MasterWorkerPlan(world, stragglers)
     return None
@@ -383,7 +423,7 @@ def make_plan(scheme: str, world: int, branching: int = 3, stragglers: int = 1):
 def simulate(scheme: str, world: int, *, msg_bytes: float, compute_s: float, branching: int = 3, s: int = 1,
              stragglers: StragglerSpec | None = None, net: NetworkModel | None = None, steps: int = 30,
              warmup: int = 2, seed: int = 0, global_batch_samples: int | None = None,
-             sample_s: float | None = None, plan=None) -> SimResult:
+             sample_s: float | None = None, plan=None, layout: str = "tree") -> SimResult:
     """Simulate ``steps`` steps of ``scheme`` (``cr``, ``gc`` or ``rar``).
 
     Compute per step: ``compute_s`` for every computing rank (fixed per-rank batch, as in the
@@ -395,7 +435,7 @@ def simulate(scheme: str, world: int, *, msg_bytes: float, compute_s: float, bra
     net = net or NetworkModel()
     if scheme not in ("cr", "gc", "rar"):
         raise ValueError(f"unknown scheme {scheme!r}; use 'cr', 'gc' or 'rar'")
-    plan = plan if plan is not None else make_plan(scheme, world, branching, s)
+    plan = plan if plan is not None else make_plan(scheme, world, branching, s, layout)
     topo = None
     if plan is None:
         loads = np.full(world, 1.0 / world)
@@ -432,12 +472,14 @@ def simulate(scheme: str, world: int, *, msg_bytes: float, compute_s: float, bra
             finish_cache[key] = strag.finish(r, t, float(g[r]))[0]
         return finish_cache[key]
 
+    step_fn = _balanced_step if plan.balanced is not None else _tree_step
+    first_skipper = 0 if plan.balanced is not None else 1  # the tree's root always computes
     for t in range(steps):
         skip: set[int] = set()
         for _ in range(6):
             local = [math.inf if r in skip else finish(r, t) for r in range(world)]
-            result, (used, last) = _tree_step(topo, local, msg_bytes, net)
-            new = {r for r in range(1, world) if result[r] <= g[r]}
+            result, (used, last) = step_fn(topo, local, msg_bytes, net)
+            new = {r for r in range(first_skipper, world) if result[r] <= g[r]}
             if new == skip:
                 break
             skip = new

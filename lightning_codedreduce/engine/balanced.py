@@ -131,7 +131,8 @@ class BalancedProtocol(Protocol):
             self.drained += 1  # another member of the group was first
             return
         parts[group] = part
-        self.used.setdefault(step, set()).add(src)
+        if src != self.rank:
+            self.used.setdefault(step, set()).add(src)
         self.max_buffered = max(self.max_buffered, sum(len(p) for p in self.pending.values()))
         if len(parts) == self.groups.count:
             self._reduce_chunk(step, c)
