@@ -36,6 +36,7 @@ def main() -> None:
                    help="this rank marks gather_victim and sleeps before its first control collective (to be killed)")
     p.add_argument("--layout", default="tree")
     p.add_argument("--jitter-seed", type=int, default=1000)
+    p.add_argument("--in-place", action="store_true", help="reduce(..., in_place=True)")
     p.add_argument("--chunk-bytes", type=int, default=1 << 20)
     p.add_argument("--out", required=True)
     a = p.parse_args()
@@ -81,7 +82,7 @@ def main() -> None:
                     rows = torch.as_tensor(idx[sh.start:sh.stop])
                     xs, ys = X32[rows], Y32[rows]
                     local += sh.weight * ((xs @ theta - ys)[:, None] * xs).sum(0)
-                result = reducer.reduce(step, local)
+                result = reducer.reduce(step, local, in_place=a.in_place)
                 out["backlog"].append(reducer.backlog_steps)
             th64 = theta.double().numpy()
             xs, ys = X[idx], Y[idx]

@@ -191,9 +191,11 @@ def test_bad_frames_rejected(tmp_path):
 BALANCED = ["--layout", "balanced", "--dim", "3000", "--chunk-bytes", "1024"]  # 12 KB: several chunks per owner
 
 
-@pytest.mark.parametrize("world,s", [(2, 1), (4, 1), (7, 1), (7, 2), (13, 1), (5, 0)])
-def test_balanced_exact_under_random_delays(tmp_path, world, s):
-    run = launch("engine_worker.py", world, [*BALANCED, "--s", str(s), "--steps", "12", "--jitter", "0.03"], tmp_path)
+@pytest.mark.parametrize("world,s,in_place", [(2, 1, False), (4, 1, True), (7, 1, False), (7, 2, True), (13, 1, True),
+                                              (5, 0, False)])
+def test_balanced_exact_under_random_delays(tmp_path, world, s, in_place):
+    run = launch("engine_worker.py", world, [*BALANCED, "--s", str(s), "--steps", "12", "--jitter", "0.03",
+                                             *(["--in-place"] if in_place else [])], tmp_path)
     run.check()
     _assert_exact_and_identical(_results(run, range(world)))
 
@@ -218,7 +220,7 @@ def test_balanced_is_reproducible_whoever_arrives_first(tmp_path):
     thetas = []
     for seed in (1, 2):
         run = launch("engine_worker.py", 4, [*BALANCED, "--steps", "10", "--jitter", "0.05", "--jitter-seed",
-                                             str(seed)], tmp_path / str(seed))
+                                             str(seed), "--in-place"], tmp_path / str(seed))
         run.check()
         res = _results(run, range(4))
         _assert_exact_and_identical(res)

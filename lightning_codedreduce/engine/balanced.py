@@ -73,13 +73,19 @@ class BalancedProtocol(Protocol):
         return asm
 
     # ------------------------------------------------------------------ local gradient
-    def on_local(self, step: int, flat: torch.Tensor, when: float) -> None:
+    def on_local(self, step: int, flat: torch.Tensor, when: float, in_place: bool = False) -> None:
         if self._is_published(step):
             return  # reduced without us
         self.local[step] = flat
         self.stat(step).local_ready = when
         total, dtype = flat.numel(), flat.dtype
         asm = self._assembly(step, total, dtype)
+        if in_place:  # assemble the result in the caller's tensor: a part of it is overwritten only once its
+            # chunk is reduced, when any copy of that part still queued for its owner is late (drained)
+            for c in asm.have:
+                a, b = self._chunks(total, dtype)[c]
+                flat[a:b].copy_(asm.result[a:b])
+            asm.result = flat
         mine = self.groups.group_of(self.rank)
         for c, (a, b) in enumerate(self._chunks(total, dtype)):
             owner = owner_of(c, self.world)
@@ -141,10 +147,11 @@ class BalancedProtocol(Protocol):
         parts = self.pending.pop((step, c))
         asm = self.assembly[step]
         a, b = self._chunks(asm.result.numel(), asm.result.dtype)[c]
-        out = asm.result[a:b]
-        out.copy_(parts[0])
+        # a private chunk: the result buffer may be the caller's tensor (and hold this rank's own part)
+        out = parts[0].clone()
         for g in range(1, self.groups.count):  # group order, not arrival order: reproducible bits
             out += parts[g]
+        asm.result[a:b].copy_(out)
         header = Header(Kind.CHUNK_DOWN, step, b - a, out.dtype, self.rank, extra=c, total=asm.result.numel())
         for peer, link in self.links.items():
             link.send(header, out)

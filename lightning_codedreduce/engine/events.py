@@ -6,7 +6,7 @@ these events (``CodedReducer._run`` dispatches on their type).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -20,6 +20,7 @@ class LocalReady:
     step: int
     flat: torch.Tensor
     when: float
+    in_place: bool = False  # ``flat`` is the caller's tensor: the balanced layout assembles the result in it
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class FrameArrived:
     src: int
     header: Header
     payload: torch.Tensor | None
+    done: Optional[Callable[[], None]] = None  # the link's flow control: call once the frame is handled
 
 
 @dataclass(frozen=True)

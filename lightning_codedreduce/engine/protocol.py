@@ -117,7 +117,7 @@ class Protocol:
             stat.arrivals.setdefault(src, time.monotonic())
 
     # ------------------------------------------------------------------ per layout
-    def on_local(self, step: int, flat: torch.Tensor, when: float) -> None:  # pragma: no cover - abstract
+    def on_local(self, step: int, flat: torch.Tensor, when: float, in_place: bool = False) -> None:  # pragma: no cover
         raise NotImplementedError
 
     def on_data_frame(self, src: int, header: Header, payload: torch.Tensor | None) -> None:  # pragma: no cover

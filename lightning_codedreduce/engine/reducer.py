@@ -94,11 +94,15 @@ class CodedReducer:
         # back-pressure: a full backlog stops the tree's rank reading from its parent; in the balanced
         # layout, from everyone (results come from every owner)
         upstream = set(groups) if plan.balanced is not None else {plan.parent(self.rank)}
+        # the balanced layout never blocks its protocol thread on a send (outgoing chunks are views of this
+        # step's buffers, so an unbounded outbox costs no memory) and bounds what it receives per peer
+        # instead (flow control: a few chunks); the tree's bounded outboxes are its back-pressure
+        flow = dict(max_queued=0, max_unprocessed=8) if plan.balanced is not None else {}
         links = {}
         for peer, (send_group, recv_group, peer_global) in groups.items():
             links[peer] = Link(self.rank, peer, self._fp, self._events, timeout, hb, group=send_group, tag=tag,
                                recv_group=recv_group, device=device, peer_global=peer_global,
-                               before_receive=self._board.wait_for_room if peer in upstream else None)
+                               before_receive=self._board.wait_for_room if peer in upstream else None, **flow)
         layout = BalancedProtocol if plan.balanced is not None else TreeProtocol
         self._protocol: Protocol = layout(plan, self.rank, self._board, links, start_step=start_step)
         self._control = TreeCollectives(self._protocol, self._events.put)
@@ -117,22 +121,35 @@ class CodedReducer:
         """Whether ``step`` is already reduced (a lagging rank should apply it without computing)."""
         return self._board.ready(step)
 
-    def reduce(self, step: int, local):
+    def reduce(self, step: int, local, *, in_place: bool = False):
         """Hand in this rank's weighted gradient for ``step``; return the global sum (same on every rank).
 
         ``local`` is a tensor or a list of tensors (returned in the same structure, device and dtype).
         If ``step`` was already reduced without this rank, ``local`` is ignored.
+
+        ``in_place=True`` (one contiguous CPU tensor): the sum is written into ``local`` and returned. The
+        balanced layout then needs no copy of the gradient at all (it assembles the result in ``local``);
+        the tree accumulates in a private copy and copies the result back.
         """
         tensors = [local] if isinstance(local, torch.Tensor) else list(local)
         if step != self.next_step:
             raise ValueError(f"reduce(step={step}) out of order: the next step to apply is {self.next_step}")
+        if in_place and not (len(tensors) == 1 and tensors[0].device.type == "cpu" and tensors[0].is_contiguous()):
+            raise ValueError("reduce(..., in_place=True) needs one contiguous CPU tensor")
         self._raise_if_failed()
-        # one private contiguous CPU copy (CUDA tensors are staged through host memory); the protocol
-        # thread accumulates into it, so the caller's tensors are never modified
-        flat = torch.cat([t.detach().reshape(-1).cpu() for t in tensors]) if len(tensors) > 1 \
-            else tensors[0].detach().reshape(-1).to("cpu", copy=True)
-        self._events.put(LocalReady(step, flat, time.monotonic()))
+        zero_copy = in_place and self.plan.balanced is not None
+        # otherwise one private contiguous CPU copy (CUDA tensors are staged through host memory): the tree
+        # accumulates into it, so the caller's tensors are never modified
+        flat = tensors[0].detach().view(-1) if zero_copy else (
+            torch.cat([t.detach().reshape(-1).cpu() for t in tensors]) if len(tensors) > 1
+            else tensors[0].detach().reshape(-1).to("cpu", copy=True))
+        self._events.put(LocalReady(step, flat, time.monotonic(), in_place=zero_copy))
         out = self.result(step)
+        if in_place:
+            target = tensors[0].detach().view(-1)
+            if out.data_ptr() != target.data_ptr():
+                target.copy_(out)
+            return local
         parts, offset = [], 0
         for t in tensors:
             parts.append(out[offset:offset + t.numel()].view_as(t).to(t.device, t.dtype))
@@ -235,12 +252,13 @@ class CodedReducer:
             try:
                 if isinstance(event, Close):
                     for link in self._links():  # queued after every pending result: lagging peers get them
+                        link.stop_flow_control()
                         link.send(Header(Kind.BYE, 0, 0, None, self.rank))
                     return
                 if self._board.error is not None:
                     continue  # failed: drain events until closed
                 if isinstance(event, LocalReady):
-                    protocol.on_local(event.step, event.flat, event.when)
+                    protocol.on_local(event.step, event.flat, event.when, event.in_place)
                 elif isinstance(event, FrameArrived):
                     self._on_frame(event.src, event.header, event.payload)
                 elif isinstance(event, ControlValue):
@@ -257,6 +275,9 @@ class CodedReducer:
                 protocol.fail(f"rank {self.rank}: {err}", culprit=getattr(event, "src", -1))
             except Exception as err:  # pragma: no cover - a bug must surface, not hang
                 protocol.fail(f"rank {self.rank}: internal error in the reduce protocol: {err!r}", culprit=self.rank)
+            finally:
+                if isinstance(event, FrameArrived) and event.done is not None:
+                    event.done()
 
     def _on_frame(self, src: int, header: Header, payload: torch.Tensor | None) -> None:
         protocol = self._protocol

@@ -79,7 +79,8 @@ class Link:
     def __init__(self, rank: int, peer: int, fingerprint: int, events: queue.Queue, timeout: float,
                  heartbeat: float, max_queued: int = 64, group=None, tag: int = TAG,
                  before_receive: Callable[[], None] | None = None, recv_group=None,
-                 device: torch.device | None = None, peer_global: int | None = None):
+                 device: torch.device | None = None, peer_global: int | None = None,
+                 max_unprocessed: int | None = None):
         self.rank = rank
         self.peer = peer  # the peer's rank in the reducer's group (frames name it)
         self.peer_global = peer if peer_global is None else peer_global  # what torch.distributed addresses
@@ -94,6 +95,9 @@ class Link:
         self.tag = tag
         self.outbox: queue.Queue = queue.Queue(maxsize=max_queued)
         self.closed = threading.Event()
+        # flow control: at most this many received frames wait for the owner (``FrameArrived.done``)
+        # before the receiver stops reading -- memory for a peer's messages stays a few frames
+        self._credit = None if max_unprocessed is None else threading.Semaphore(max_unprocessed)
         self._rx = threading.Thread(target=self._receive_loop, name=f"codedreduce-rx-{peer}", daemon=True)
         self._tx = threading.Thread(target=self._send_loop, name=f"codedreduce-tx-{peer}", daemon=True)
 
@@ -146,6 +150,9 @@ class Link:
         while True:
             if self.before_receive is not None:
                 self.before_receive()  # back-pressure: the owner may hold us while it is full
+            while self._credit is not None and not self._credit.acquire(timeout=0.2):
+                if self.closed.is_set():
+                    return
             try:
                 raw = self._receive(HEADER_LEN, torch.int64)
                 header = decode_header(raw, self.fingerprint, self.peer)
@@ -161,7 +168,7 @@ class Link:
                 self.closed.set()  # nobody will read what we would send: unblock writers
                 self._abort()
                 return
-            self.events.put(FrameArrived(self.peer, header, payload))
+            self.events.put(FrameArrived(self.peer, header, payload, None if self._credit is None else self._credit.release))
             if header.kind == Kind.BYE:
                 return
 
@@ -210,6 +217,12 @@ class Link:
         self.closed.set()
         if self.device is not None and (self._rx.is_alive() or self._tx.is_alive()):
             self._abort()
+
+    def stop_flow_control(self) -> None:
+        """The owner stops handling frames (closing): let the receiver read on, up to the peer's BYE."""
+        credit, self._credit = self._credit, None
+        if credit is not None:
+            credit.release(1 << 20)
 
     def wait_peer_closed(self, timeout: float) -> bool:
         """Wait (bounded) until the peer closed its side; ``False`` if it did not within ``timeout``."""
