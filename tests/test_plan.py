@@ -255,3 +255,72 @@ def test_non_integer_arguments(kwargs):
     args = dict(world_size=7, branching=3, stragglers=1) | kwargs
     with pytest.raises(ValueError, match="must be an integer"):
         CodedReducePlan(**args)
+
+
+# ---------------------------------------------------------------------------- the balanced layout
+from lightning_codedreduce.plan.layout import BALANCED_MIN_BYTES, chunk_bounds, choose_layout, owner_of  # noqa: E402
+
+
+@settings(max_examples=150, deadline=None)
+@given(world=st.integers(1, 40), s=st.integers(0, 3), batch=st.integers(1, 500))
+def test_balanced_groups_cover_the_batch_once_per_group(world, s, batch):
+    if world < s + 1:
+        with pytest.raises(ValueError, match="stragglers"):
+            CodedReducePlan(world, s + 2, s, layout="balanced")
+        return
+    plan = CodedReducePlan(world, s + 2, s, layout="balanced")
+    groups = plan.balanced.groups
+    assert sorted(r for g in groups for r in g) == list(range(world))  # a partition of the ranks
+    assert all(len(g) >= s + 1 for g in groups)  # every group survives s slow members
+    alloc = plan.allocation(batch)
+    covered = []
+    for members in groups:
+        shards = {tuple((sh.start, sh.stop, sh.weight) for sh in alloc[r]) for r in members}
+        assert len(shards) == 1  # replicas compute the same samples
+        covered += [p for sh in alloc[members[0]] for p in range(sh.start, sh.stop)]
+    assert sorted(covered) == list(range(batch))  # each sample once over the groups, weight 1
+    assert all(sh.weight == 1.0 for a in alloc for sh in a)
+    assert plan.irreproducible_reason() is None
+    assert abs(plan.redundancy - world / len(groups)) < 1e-9
+
+
+@settings(max_examples=100, deadline=None)
+@given(world=st.integers(2, 20), s=st.integers(0, 2), slow=st.sets(st.integers(0, 19)))
+def test_balanced_tolerates_slow_ranks_anywhere_the_root_included(world, s, slow):
+    if world < s + 1:
+        return
+    plan = CodedReducePlan(world, s + 2, s, layout="balanced")
+    slow = {r for r in slow if r < world}
+    expected = all(any(r not in slow for r in g) for g in plan.balanced.groups)
+    assert plan.tolerates(slow) == expected
+    if len(slow) <= s:
+        assert plan.tolerates(slow)  # any s slow ranks, rank 0 among them or not
+    assert plan.survives(set()) and not plan.survives({world - 1})  # every rank owns chunks: no dead rank
+
+
+@settings(max_examples=200, deadline=None)
+@given(total=st.integers(1, 10 ** 7), world=st.integers(1, 64), chunk=st.sampled_from([1024, 4096, 1 << 20]))
+def test_chunks_tile_the_message_and_spread_over_owners(total, world, chunk):
+    bounds = chunk_bounds(total, 4, world, chunk)
+    assert bounds[0][0] == 0 and bounds[-1][1] == total
+    assert all(a < b for a, b in bounds) and all(bounds[i][1] == bounds[i + 1][0] for i in range(len(bounds) - 1))
+    sizes = [b - a for a, b in bounds]
+    assert max(sizes) - min(sizes) <= 1
+    if total >= world:
+        assert len(bounds) % world == 0  # every owner gets as many chunks
+        owned = [sum(1 for c in range(len(bounds)) if owner_of(c, world) == r) for r in range(world)]
+        assert len(set(owned)) == 1
+    assert max(sizes) <= chunk // 4 + 1  # about chunk_bytes each, never more
+
+
+def test_auto_layout_by_message_size_is_stated_in_describe():
+    small = CodedReducePlan(7, layout="auto", gradient_bytes=20_000)
+    big = CodedReducePlan(7, layout="auto", gradient_bytes=BALANCED_MIN_BYTES)
+    unknown = CodedReducePlan(7, layout="auto")
+    assert (small.layout, big.layout, unknown.layout) == ("tree", "balanced", "tree")
+    assert "layout tree" in small.describe() and "latency-bound" in small.describe()
+    assert "layout balanced" in big.describe() and "bandwidth-bound" in big.describe()
+    assert choose_layout(2, 10 ** 9)[0] == "tree"  # two ranks: the tree is one hop already
+    assert CodedReducePlan(7, layout="tree").fingerprint() != CodedReducePlan(7, layout="balanced").fingerprint()
+    with pytest.raises(ValueError, match="unknown layout"):
+        CodedReducePlan(7, layout="ring")
