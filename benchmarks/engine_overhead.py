@@ -11,13 +11,15 @@ import argparse
 import json
 import os
 import statistics
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from lightning_codedreduce._procs import run
 from lightning_codedreduce._util import free_port
 from lightning_codedreduce.engine import CodedReducer
 from lightning_codedreduce.engine.transport import TAG
@@ -34,7 +36,7 @@ def _timed(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def _worker(rank: int, world: int, port: int, sizes: list[int], reps: int, branching: int, queue) -> None:
+def _worker(rank: int, world: int, port: int, sizes: list[int], reps: int, branching: int, rows_path: Path) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -58,7 +60,7 @@ def _worker(rank: int, world: int, port: int, sizes: list[int], reps: int, branc
     for r in reducers.values():
         r.close()
     if rank == 0:
-        queue.put(rows)
+        rows_path.write_text(json.dumps(rows))
     dist.destroy_process_group()
 
 
@@ -69,23 +71,29 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--branching", type=int, default=3)
     p.add_argument("--out", default="runs/bench/engine_overhead.json")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per world size before its ranks are stopped")
+    p.add_argument("--worker", nargs=4, metavar=("RANK", "WORLD", "PORT", "ROWS"), help=argparse.SUPPRESS)
     a = p.parse_args()
-    ctx = mp.get_context("spawn")
+    if a.worker:  # one rank, started below
+        rank, world, port = map(int, a.worker[:3])
+        return _worker(rank, world, port, a.sizes, a.reps, a.branching, Path(a.worker[3]))
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    tmp = tempfile.TemporaryDirectory(prefix="codedreduce-overhead-")
     results = []
     print(f"{'W':>3} {'floats':>11} {'all_reduce':>11} {'coded s=0':>10} {'coded s=1':>10} "
           f"{'s=0 ratio':>9} {'s=1 ratio':>9} {'R(s=1)':>7}")
     for world in a.worlds:
-        queue = ctx.SimpleQueue()
-        port = free_port()
-        procs = [ctx.Process(target=_worker, args=(r, world, port, a.sizes, a.reps, a.branching, queue))
-                 for r in range(world)]
-        for proc in procs:
-            proc.start()
-        rows = queue.get()
-        for proc in procs:
-            proc.join(120)
-            if proc.is_alive():
-                proc.kill()
+        rows_path, port = Path(tmp.name) / f"W{world}.json", free_port()
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--sizes", *map(str, a.sizes), "--reps", str(a.reps),
+               "--branching", str(a.branching), "--worker"]
+        res = run([(cmd + [str(r), str(world), str(port), str(rows_path)], env) for r in range(world)], tmp.name,
+                  a.timeout, stop_on_failure=True, label=f"W={world}",
+                  log_names=[f"W{world}.rank{r}.log" for r in range(world)])
+        if res.failed:
+            sys.exit(f"W={world}: ranks {res.failed} failed:\n{res.tails(res.failed)}")
+        rows = json.loads(rows_path.read_text())
         redundancy = CodedReducePlan(world, a.branching, 1).redundancy
         for row in rows:
             row["ratio_s0"] = row["coded_s0_s"] / row["all_reduce_s"]

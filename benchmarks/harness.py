@@ -20,7 +20,6 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lightning_codedreduce._procs import Launcher  # noqa: E402
 from lightning_codedreduce._util import free_port  # noqa: E402
 from benchmarks import netns, report  # noqa: E402
 from benchmarks.workloads import (  # noqa: E402
@@ -66,59 +66,19 @@ def plan_cells(world: int, workloads: list[str], stragglers: list[str], schemes:
     return cells
 
 
-class Launch:
-    """W worker processes (or one horovodrun); killed as whole process groups on any exit."""
+class Launch(Launcher):
+    """W worker processes (or one horovodrun), each in a session of its own; stopped as whole process groups
+    on any exit (``lightning_codedreduce._procs``)."""
 
     def __init__(self, out_dir: Path, label: str):
-        self.out_dir, self.label = out_dir, label
-        self.procs: list[subprocess.Popen] = []
-        self.logs = []
+        super().__init__(out_dir, cwd=ROOT, label=label)
 
-    def start(self, cmd: list[str], env: dict, log_name: str) -> None:
-        log = open(self.out_dir / log_name, "w")
-        self.logs.append(log)
-        self.procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                           cwd=ROOT))
-
-    def wait(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        try:
-            while any(p.poll() is None for p in self.procs):
-                if any(p.poll() not in (None, 0) for p in self.procs):
-                    time.sleep(2.0)  # let the others report, then stop them
-                    break
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{self.label}: workers did not finish within {timeout:.0f} s")
-                time.sleep(0.1)
-            bad = [(i, p.returncode) for i, p in enumerate(self.procs) if p.poll() not in (None, 0)]
-            if bad or any(p.poll() is None for p in self.procs):
-                raise RuntimeError(f"{self.label}: worker(s) failed {bad}:\n{self.tail()}")
-        finally:
-            self.kill()
-
-    def tail(self, chars: int = 3000) -> str:
-        out = []
-        for log in self.logs:
-            log.flush()
-            text = Path(log.name).read_text(errors="replace")
-            if "Error" in text or "Traceback" in text:
-                out.append(f"--- {Path(log.name).name}\n{text[-chars:]}")
-        return "\n".join(out[:3]) or "(no error in the logs)"
-
-    def kill(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
-        for log in self.logs:
-            log.close()
+    def wait(self, timeout: float) -> None:  # type: ignore[override]
+        # one failure: let the others report for 2 s, then stop them
+        res = super().wait(timeout, stop_on_failure=True, failure_grace=2.0)
+        if res.failed:
+            raise RuntimeError(f"{self.label}: worker(s) failed {[(i, res.returncodes[i]) for i in res.failed]}:\n"
+                               + (res.tails(errors_only=True, most=3) or "(no error in the logs)"))
 
 
 def run_world(world: int, cells: list[dict], args, data: dict, out_dir: Path, net_mode: str,
@@ -168,7 +128,7 @@ def run_world(world: int, cells: list[dict], args, data: dict, out_dir: Path, ne
         launch.wait(120 + sum(report.cell_budget(c, args.compute) for c in cells))
         print(f"  W={world}: done in {time.monotonic() - t:.0f} s", flush=True)
     finally:
-        launch.kill()
+        launch.close()
         if net is not None:
             net.teardown()
 
@@ -202,7 +162,7 @@ def parse_args(argv=None):
     a.stragglers = a.stragglers or (["none", "paper", "heavy"] if a.quick else ["none", "paper", "heavy", "shiftexp"])
     steps = a.steps or (12 if a.quick else 25)
     a.steps_by = {k: steps for k in WORKLOADS}
-    a.compute = {"logreg": a.compute_logreg, "mlp": a.compute_mlp}
+    a.compute = {**{k: w["compute_s"] for k, w in WORKLOADS.items()}, "logreg": a.compute_logreg, "mlp": a.compute_mlp}
     a.out = Path(a.out or ("runs/bench/quick" if a.quick else "runs/bench"))
     if any(w < 4 for w in a.worlds):
         p.error("world sizes must be >= 4")
@@ -259,6 +219,8 @@ def main(argv=None) -> int:
     results["meta"]["wall_s"] = time.monotonic() - t_start
     report.write(results, out, plots=not args.no_plots)
     print(report.headline(results))
+    if any("bank" in WORKLOADS[w] for w in args.workloads):
+        print("\nModel sizes (balanced layout vs the rest, same per-rank batch):\n" + report.size_table(results))
     print(f"\nwrote {args.out}/results.json, results.md and plots in {time.monotonic() - t_start:.0f} s")
     return 0
 

@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -89,12 +88,16 @@ def main() -> None:
     out = Path(tempfile.mkdtemp(prefix="codedreduce-memory-"))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     strategies = ("ddp", "codedreduce", "codedreduce-plan")
-    for strategy in strategies:
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.world}",
-                        __file__, "--strategy", strategy, "--out", str(out), "--world", str(a.world),
-                        "--batch", str(a.batch), "--width", str(a.width), "--layers", str(a.layers), "--bottleneck", str(a.bottleneck),
-                        "--steps", str(a.steps)], env=env, check=True, timeout=900,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    from lightning_codedreduce._procs import run
+
+    for strategy in strategies:  # torchrun starts the ranks; stopped with all of them on timeout or Ctrl-C
+        res = run([([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.world}",
+                     __file__, "--strategy", strategy, "--out", str(out), "--world", str(a.world),
+                     "--batch", str(a.batch), "--width", str(a.width), "--layers", str(a.layers),
+                     "--bottleneck", str(a.bottleneck), "--steps", str(a.steps)], env)],
+                  out, timeout=900, label=f"memory {strategy}", log_names=[f"{strategy}.log"])
+        if res.failed:
+            sys.exit(f"memory {strategy}: torchrun exited {res.returncodes[0]}:\n{res.tails()}")
     growth = {s: [json.loads((out / f"{s}.rank{r}.json").read_text())["growth_mb"] for r in range(a.world)]
               for s in strategies}
     from lightning_codedreduce import CodedReducePlan

@@ -5,26 +5,18 @@ A thin layer over ``tests/procs.py``: one ``tests/<script>`` per rank with the v
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-from procs import PY, ROOT, clean_env, free_port, run_all
+from procs import PY, ROOT, Group, clean_env, free_port, run_all
 
 __all__ = ["ROOT", "Run", "free_port", "launch"]
 
 
-@dataclass
-class Run:
-    returncodes: list[int]
-    outputs: list[str]
-    out_dir: Path
+class Run(Group):
+    """A ``Group`` whose ranks write ``rank<r>.json``."""
 
-    def result(self, rank: int) -> dict:
+    def result(self, rank: int) -> dict:  # type: ignore[override]
         return json.loads((self.out_dir / f"rank{rank}.json").read_text())
-
-    def check(self) -> None:
-        bad = [r for r, rc in enumerate(self.returncodes) if rc != 0]
-        assert not bad, "ranks %s failed:\n%s" % (bad, "\n".join(f"--- rank {r}\n{self.outputs[r][-3000:]}" for r in bad))
 
 
 def launch(script: str, world_size: int, args: list[str], out_dir: Path, timeout: float = 120.0,
@@ -37,4 +29,4 @@ def launch(script: str, world_size: int, args: list[str], out_dir: Path, timeout
                            LOCAL_RANK=str(rank), **(env or {})))
                 for rank in range(world_size)]
     group = run_all(commands, out_dir, timeout, actions)
-    return Run(group.returncodes, group.outputs, out_dir)
+    return Run(group.returncodes, group.outputs, group.exit_times, out_dir, group.actions_done)

@@ -1,20 +1,19 @@
 """Start several commands (ranks, launcher agents), watch them with a timeout, always clean up.
 
-Like ``tests/mp.py`` but for arbitrary command lines and environments (torchrun agents, the variables
-``srun`` sets, ``horovodrun``) and recording when each process exited.
+The test-side face of the package's one process launcher (``lightning_codedreduce._procs``): arbitrary
+command lines and environments (torchrun agents, the variables ``srun`` sets, ``horovodrun``), an
+environment without other launchers' variables, and the results the ranks write.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lightning_codedreduce._procs import Signal, run
 from lightning_codedreduce._util import free_port  # noqa: F401  (re-exported for the tests)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,64 +54,9 @@ class Group:
 def run_all(commands: list[tuple[list[str], dict]], out_dir: Path, timeout: float, actions=()) -> Group:
     """Run ``(argv, env)`` commands at once; ``actions`` are ``(condition(out_dir) -> bool, index, signal)``.
 
-    Every process gets a session of its own; on timeout or error all of them (and their children) are killed.
+    Every process gets a session of its own; on timeout (``TimeoutError`` with the tails of the logs) or
+    error all of them (and their children) are stopped.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    procs, logs = [], []
-    exit_times: list[float | None] = [None] * len(commands)
-    done: dict = {}
-    try:
-        for i, (argv, env) in enumerate(commands):
-            log = open(out_dir / f"proc{i}.log", "w+")
-            logs.append(log)
-            procs.append(subprocess.Popen(argv, cwd=str(ROOT), env=env, stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True))
-        pending = list(actions)
-        deadline = time.monotonic() + timeout
-        while True:
-            for i, p in enumerate(procs):
-                if exit_times[i] is None and p.poll() is not None:
-                    exit_times[i] = time.time()
-            if all(t is not None for t in exit_times):
-                break
-            if time.monotonic() > deadline:
-                outs = []
-                for log in logs:
-                    log.seek(0)
-                    outs.append(log.read()[-3000:])
-                raise TimeoutError(f"{[c[0][:4] for c in commands]} did not finish in {timeout} s:\n" + "\n".join(outs))
-            for action in list(pending):
-                condition, index, sig = action
-                if condition(out_dir):
-                    pending.remove(action)
-                    done[index] = time.time()
-                    if procs[index].poll() is None:
-                        os.kill(procs[index].pid, sig)
-            time.sleep(0.05)
-        outputs = []
-        for log in logs:
-            log.seek(0)
-            outputs.append(log.read())
-        return Group([p.returncode for p in procs], outputs, exit_times, out_dir, done)
-    finally:
-        running = [p for p in procs if p.poll() is None]
-        for p in running:  # a launcher stops its workers (sessions of their own) on SIGTERM
-            try:
-                os.killpg(p.pid, signal.SIGCONT)
-                os.killpg(p.pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
-        for p in running:
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
-        for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)  # the session: whatever is left of it
-            except (ProcessLookupError, PermissionError):
-                pass
-            if p.poll() is None:
-                p.wait(10)
-        for log in logs:
-            log.close()
+    signals = [Signal(functools.partial(condition, out_dir), index, sig) for condition, index, sig in actions]
+    res = run(commands, out_dir, timeout, actions=signals, cwd=ROOT)
+    return Group(res.returncodes, res.outputs, res.exit_times, out_dir, {s.index: s.time for s in res.signals})
