@@ -90,6 +90,12 @@ class CodedReducePlan:
         chunk_bytes: chunk size of the balanced layout.
     """
 
+    # defaults for subclasses that build their own tree (sim.MasterWorkerPlan): the tree layout
+    layout = "tree"
+    layout_reason = "layout='tree'"
+    balanced: BalancedGroups | None = None
+    chunk_bytes = DEFAULT_CHUNK_BYTES
+
     def __init__(self, world_size: int, branching: int = 3, stragglers: int = 1, code: str = "auto", seed: int = 0,
                  layout: str = "tree", gradient_bytes: int | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
         self.world_size = check_int("world_size", world_size, 1, "use the number of training processes")
@@ -112,8 +118,7 @@ class CodedReducePlan:
         self.chunk_bytes = check_int("chunk_bytes", chunk_bytes, 1024, "use e.g. 1 MiB (1 << 20)")
         self.layout, self.layout_reason = (choose_layout(self.world_size, gradient_bytes) if layout == "auto"
                                            else (layout, f"layout={layout!r}"))
-        #: the balanced layout's groups (None for the tree)
-        self.balanced: BalancedGroups | None = None
+        self.balanced = None  # the balanced layout's groups (None for the tree)
         if self.layout == "balanced":
             if self.world_size < self.stragglers + 1:
                 raise ValueError(f"the balanced layout needs at least stragglers+1 = {self.stragglers + 1} ranks to "
