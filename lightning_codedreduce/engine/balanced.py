@@ -16,6 +16,7 @@ naming it, within the timeout); slow compute anywhere, rank 0 included, is not w
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -51,6 +52,32 @@ class BalancedProtocol(Protocol):
         self.used: dict[int, set[int]] = {}  # step -> ranks whose parts were summed here
         self.starved_from: Optional[int] = None  # first step that can never complete (an owner closed)
         self._bounds: dict[tuple[int, torch.dtype], list[tuple[int, int]]] = {}
+        # result buffers by step, for the links' receivers: a reduced chunk lands where it belongs
+        self._landing: dict[int, torch.Tensor] = {}
+        self._landing_lock = threading.Lock()
+        for link in self.links.values():
+            link.landing = self.landing_for
+
+    def landing_for(self, header: Header) -> torch.Tensor | None:
+        """Called by a link's receiver thread: the slice of its step's result a CHUNK_DOWN frame fills."""
+        if header.kind != Kind.CHUNK_DOWN or not header.total:
+            return None
+        with self._landing_lock:
+            result = self._landing.get(header.step)
+        if result is None or result.numel() != header.total or result.dtype != header.dtype:
+            return None
+        bounds = self._chunks(header.total, header.dtype)
+        if not 0 <= header.extra < len(bounds):
+            return None
+        a, b = bounds[header.extra]
+        return result[a:b]
+
+    def _set_landing(self, step: int, result: torch.Tensor | None) -> None:
+        with self._landing_lock:
+            if result is None:
+                self._landing.pop(step, None)
+            else:
+                self._landing[step] = result
 
     # ------------------------------------------------------------------ helpers
     def _chunks(self, total: int, dtype: torch.dtype) -> list[tuple[int, int]]:
@@ -66,6 +93,7 @@ class BalancedProtocol(Protocol):
         asm = self.assembly.get(step)
         if asm is None:
             asm = self.assembly[step] = _Assembly(torch.empty(total, dtype=dtype))
+            self._set_landing(step, asm.result)
             self.owned_left[step] = {c for c in range(len(self._chunks(total, dtype))) if owner_of(c, self.world) == self.rank}
         elif asm.result.numel() != total or asm.result.dtype != dtype:
             raise FrameError(f"step {step}: a message of {total} {dtype} values, expected {asm.result.numel()} "
@@ -85,7 +113,8 @@ class BalancedProtocol(Protocol):
             for c in asm.have:
                 a, b = self._chunks(total, dtype)[c]
                 flat[a:b].copy_(asm.result[a:b])
-            asm.result = flat
+            asm.result = flat  # chunks already landed in the old buffer are copied when their frames are handled
+            self._set_landing(step, flat)
         mine = self.groups.group_of(self.rank)
         for c, (a, b) in enumerate(self._chunks(total, dtype)):
             owner = owner_of(c, self.world)
@@ -116,7 +145,9 @@ class BalancedProtocol(Protocol):
             if c in asm.have:
                 raise FrameError(f"rank {src} sent chunk {c} of step {step} twice")
             a, b = bounds[c]
-            asm.result[a:b].copy_(payload)
+            dest = asm.result[a:b]
+            if payload.data_ptr() != dest.data_ptr():  # it did not land in place
+                dest.copy_(payload)
             self._have(step, c, asm)
             return
         if owner_of(c, self.world) != self.rank:
@@ -168,6 +199,7 @@ class BalancedProtocol(Protocol):
         if len(asm.have) < len(self._chunks(asm.result.numel(), asm.result.dtype)):
             return
         del self.assembly[step]  # complete: publish
+        self._set_landing(step, None)
         self.owned_left.pop(step, None)
         self.local.pop(step, None)
         self.stat(step).result = time.monotonic()

@@ -80,7 +80,8 @@ class Link:
                  heartbeat: float, max_queued: int = 64, group=None, tag: int = TAG,
                  before_receive: Callable[[], None] | None = None, recv_group=None,
                  device: torch.device | None = None, peer_global: int | None = None,
-                 max_unprocessed: int | None = None):
+                 max_unprocessed: int | None = None,
+                 landing: Callable[[Header], torch.Tensor | None] | None = None):
         self.rank = rank
         self.peer = peer  # the peer's rank in the reducer's group (frames name it)
         self.peer_global = peer if peer_global is None else peer_global  # what torch.distributed addresses
@@ -98,6 +99,7 @@ class Link:
         # flow control: at most this many received frames wait for the owner (``FrameArrived.done``)
         # before the receiver stops reading -- memory for a peer's messages stays a few frames
         self._credit = None if max_unprocessed is None else threading.Semaphore(max_unprocessed)
+        self.landing = landing  # where a frame's payload may land directly (gloo; None: a fresh buffer)
         self._rx = threading.Thread(target=self._receive_loop, name=f"codedreduce-rx-{peer}", daemon=True)
         self._tx = threading.Thread(target=self._send_loop, name=f"codedreduce-tx-{peer}", daemon=True)
 
@@ -158,7 +160,8 @@ class Link:
                 header = decode_header(raw, self.fingerprint, self.peer)
                 payload = None
                 if header.numel:
-                    payload = self._receive(header.numel, header.dtype)
+                    into = self.landing(header) if self.landing is not None and self.device is None else None
+                    payload = self._receive(header.numel, header.dtype, into)
             except FrameError as err:
                 self.events.put(BadFrame(self.peer, str(err)))
                 return
@@ -188,9 +191,10 @@ class Link:
         staged = tensor.to(self.device)
         self._poll(dist.isend(staged, self.peer_global, group=self.group), None)
 
-    def _receive(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    def _receive(self, numel: int, dtype: torch.dtype, into: torch.Tensor | None = None) -> torch.Tensor:
         if self.device is None:
-            buf = torch.empty(numel, dtype=dtype)
+            buf = into if into is not None and into.numel() == numel and into.dtype == dtype else \
+                torch.empty(numel, dtype=dtype)
             self._wait(dist.irecv(buf, self.peer_global, group=self.recv_group, tag=self.tag))
             return buf
         buf = torch.empty(numel, dtype=dtype, device=self.device)
