@@ -186,7 +186,7 @@ def sc_fault(name):
         sys.exit(1)
     write(name, trainer.global_rank, result(
         trainer, model, error_type=None,
-        known_dead=sorted(strategy._known_dead), best=ckpt.best_model_path, last=ckpt.last_model_path,
+        known_dead=sorted(strategy.known_dead), best=ckpt.best_model_path, last=ckpt.last_model_path,
         t_end=time.time(), metrics={k: float(v) for k, v in trainer.callback_metrics.items()}))
 
 

@@ -147,6 +147,47 @@ def test_import_order_and_light_import():
     subprocess.run([sys.executable, "-c", code], env=_env(), check=True, timeout=120)
 
 
+def _function(attribute):
+    """The function behind a class attribute (method, classmethod, staticmethod, property), else None."""
+    if isinstance(attribute, property):
+        return attribute.fget
+    attribute = getattr(attribute, "__func__", attribute)
+    return attribute if callable(attribute) else None
+
+
+def test_one_strategy_class_composed_of_collaborators():
+    """No mixins: along the strategy's MRO no name is defined by two of the package's classes, and every
+    hook it overrides is marked ``@override`` (and delegates to a collaborator)."""
+    from lightning_codedreduce.strategy import strategy_class
+    from lit_common import NAMESPACE
+
+    cls = strategy_class(NAMESPACE)
+    ours = [k for k in cls.__mro__ if k.__module__.startswith("lightning_codedreduce")]
+    defined: dict[str, list[str]] = {}
+    for klass in ours:
+        for name in vars(klass):
+            if not (name.startswith("__") and name.endswith("__")):
+                defined.setdefault(name, []).append(klass.__qualname__)
+    twice = {name: owners for name, owners in defined.items() if len(owners) > 1}
+    assert not twice, f"defined more than once along {cls.__qualname__}'s MRO: {twice}"
+    assert len(ours) == 1, [k.__qualname__ for k in ours]
+
+    bases = cls.__mro__[1:]
+    unmarked = [name for name, attribute in vars(cls).items()
+                if name != "__init__" and _function(attribute) is not None and any(name in vars(b) for b in bases)
+                and not getattr(_function(attribute), "__override__", False)]
+    assert not unmarked, f"hooks overridden without @override: {unmarked}"
+
+
+def test_strategy_uses_only_the_reducers_public_api():
+    """The strategy package never reads the engine's private state (``reducer._...``)."""
+    import re
+
+    package = ROOT / "lightning_codedreduce" / "strategy"
+    private = {p.name: re.findall(r"reducer\._\w+", p.read_text()) for p in package.glob("*.py")}
+    assert not {k: v for k, v in private.items() if v}, private
+
+
 # ---------------------------------------------------------------- two ranks: every feature, one job
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):

@@ -214,20 +214,20 @@ class StragglerMonitor(Callback):
     def _peek_unfinished(self) -> None:
         """At the end, the engine's last steps are not final yet: read them (racy, but only counters)."""
         reducer = self._reducer
-        live = getattr(reducer, "_stats", None) if reducer is not None else None
-        if not live:
+        every_step = getattr(reducer, "stats", None) if reducer is not None else None  # the engine's public API
+        if every_step is None:
             return
         for _ in range(5):
             try:
-                items = list(live.items())
+                items = every_step()
                 break
             except RuntimeError:  # changed size while the protocol thread ran
                 time.sleep(0.01)
         else:
             return
-        for step, stat in items:
-            if step not in self._stats and getattr(stat, "result", None) is not None:
-                self._stats[step] = stat
+        for stat in items:
+            if stat.step not in self._stats and getattr(stat, "result", None) is not None:
+                self._stats[stat.step] = stat
 
     def _emit(self, trainer, final: bool) -> None:
         has_engine = self._reducer is not None
@@ -328,7 +328,7 @@ class StragglerMonitor(Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         if self._rank == 0 and self.csv_path is not None:
             # the strategy's agreement at the end of training may name a death that no step row saw
-            dead = sorted(getattr(trainer.strategy, "_known_dead", ()))
+            dead = sorted(getattr(trainer.strategy, "known_dead", ()))
             self._merge_and_report(self.merge_timeout, failed=False, dead=dead)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:

@@ -1,6 +1,10 @@
 """``CodedReduceStrategy``: ``Trainer(strategy="codedreduce")``, PyTorch Lightning glue for the engine.
 
-``core`` holds the life cycle; ``data``, ``aggregation``, ``collectives`` and ``patches`` the parts.
+One strategy class (``core``: the life cycle) whose hooks delegate to collaborators, each owning its
+state: ``data.TrainLoader`` (the training loader and the position it resumes at),
+``aggregation.GradientAggregator`` (the reducing closure, pieces, catch-up), ``collectives.LightningCollectives``
+(Lightning's collectives over the reduce tree, dead ranks) and ``internals.LightningInternals`` (every
+Lightning internal, patched or read); ``checks`` holds what is validated before training.
 The classes are created on first use, one per Lightning namespace (``strategy_class``), so importing
 this package imports no Lightning.
 """

@@ -8,16 +8,14 @@ renames one of these would silently bring back the per-step barrier or mis-weigh
 :class:`LightningInternalsError`, naming the internal and the installed Lightning version.
 
 Call order: ``check(trainer)`` then ``apply_patches(trainer, ...)`` in the strategy's ``setup``;
-``remove_patches()`` in its ``teardown``; the accessors in between.
+``remove_patches()`` in its ``teardown``; the accessors in between. The strategy holds one instance and
+hands its accessors to the collaborators that need them.
 """
 from __future__ import annotations
 
 import importlib
-import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
-
-log = logging.getLogger("lightning_codedreduce.strategy")
 
 SUPPORTED = ">=2.5,<2.7"  # as declared in pyproject.toml
 
@@ -120,20 +118,26 @@ class LightningInternals:
                 self._fail(internal, f"has no {internal.owner}.{internal.attribute}")
 
     # ------------------------------------------------------------------ patches
-    def apply_patches(self, trainer, check_sigterm: Callable[[], None], on_first_sigterm: Callable[[int], None]) -> None:
-        """Replace the per-step SIGTERM broadcast by ``check_sigterm``, and the SIGTERM handler (whose matching
-        broadcast is gone) by one that calls ``on_first_sigterm(signum)`` once and records the signal."""
+    def apply_patches(self, trainer, on_first_sigterm: Callable[[int], None]) -> None:
+        """Replace the per-step SIGTERM broadcast by a local check (this rank stops with Lightning's
+        ``SIGTERMException`` once it received SIGTERM), and the SIGTERM handler (whose matching broadcast is
+        gone) by one that calls ``on_first_sigterm(signum)`` once and records the signal."""
         epoch_loop = trainer.fit_loop.epoch_loop
         if any(obj is epoch_loop for obj, *_ in self._patched):
             return
         connector = trainer._signal_connector
+        exceptions = importlib.import_module(f"{self.namespace}.utilities.exceptions")
+
+        def check_sigterm_locally() -> None:
+            if getattr(trainer, "received_sigterm", False):
+                raise exceptions.SIGTERMException()
 
         def sigterm_notifier(signum, frame) -> None:
             if not connector.received_sigterm:
                 on_first_sigterm(signum)
             connector.received_sigterm = True
 
-        self._patch(epoch_loop, "_broadcast_sigterm_tensor", check_sigterm)
+        self._patch(epoch_loop, "_broadcast_sigterm_tensor", check_sigterm_locally)
         self._patch(connector, "_sigterm_notifier_fn", sigterm_notifier)
 
     def _patch(self, obj: object, name: str, value: Any) -> None:
