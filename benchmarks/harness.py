@@ -155,6 +155,7 @@ def parse_args(argv=None):
     p.add_argument("--out", help="output folder (default runs/bench, quick: runs/bench/quick)")
     p.add_argument("--no-sim", action="store_true", help="skip the simulator validation and paper-scale sweep")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--analyse-only", action="store_true", help="redo the analysis of the runs already in --out")
     p.add_argument("--python", default=sys.executable, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.worlds = a.worlds or ([7] if a.quick else [7, 13])
@@ -174,6 +175,8 @@ def main(argv=None) -> int:
     t_start = time.monotonic()
     out = args.out if args.out.is_absolute() else ROOT / args.out
     raw = out / "raw"
+    if args.analyse_only:
+        return finish(args, raw, json.loads((raw / "meta.json").read_text()), out, t_start)
     if raw.exists():
         shutil.rmtree(raw)
     raw.mkdir(parents=True)
@@ -212,14 +215,20 @@ def main(argv=None) -> int:
     print(f"CodedReduce benchmark: W={args.worlds}, workloads={args.workloads}, stragglers={args.stragglers}, "
           f"network={net_mode}{' ' + args.rate if net_mode == 'netns' else ''}, "
           f"Horovod={'yes (' + hvd_launcher + ')' if hvd_ok else 'no'}", flush=True)
+    (raw / "meta.json").write_text(json.dumps(meta))  # lets --analyse-only redo the analysis of these runs
     for world in args.worlds:
         cells = plan_cells(world, args.workloads, args.stragglers, args.schemes, args.steps_by, hvd_ok)
         run_world(world, cells, args, data, raw / f"W{world}", net_mode, hvd_launcher)
+    return finish(args, raw, meta, out, t_start)
+
+
+def finish(args, raw: Path, meta: dict, out: Path, t_start: float) -> int:
+    """Analyse the raw measurements (replays, ratios, simulator validation), write and print the results."""
     results = report.analyse(raw, meta, ROOT / "runs" / "bench" / "data", with_sim=not args.no_sim)
     results["meta"]["wall_s"] = time.monotonic() - t_start
     report.write(results, out, plots=not args.no_plots)
     print(report.headline(results))
-    if any("bank" in WORKLOADS[w] for w in args.workloads):
+    if any("bank" in WORKLOADS[m["workload"]] for m in results["cells"]):
         print("\nModel sizes (balanced layout vs the rest, same per-rank batch):\n" + report.size_table(results))
     print(f"\nwrote {args.out}/results.json, results.md and plots in {time.monotonic() - t_start:.0f} s")
     return 0

@@ -102,7 +102,8 @@ JITTER = random.SystemRandom()  # straggler delays at random, outside every seed
 
 
 def fit(pl, out: Path, name: str, strategy: str, *, shuffle=True, drop_last=False, accumulate=1, epochs=2,
-        callbacks=(), deterministic=False, batch_size=BATCH, checkpoint_every_step=True, **module_kw) -> dict:
+        callbacks=(), deterministic=False, batch_size=BATCH, checkpoint_every_step=True, layout=None,
+        **module_kw) -> dict:
     pl.seed_everything(0, workers=True)
     model = make_module(pl, **module_kw)
     ckdir = out / f"{name}_{strategy[:3]}_ckpt"
@@ -111,6 +112,11 @@ def fit(pl, out: Path, name: str, strategy: str, *, shuffle=True, drop_last=Fals
                                               every_n_train_steps=1 if checkpoint_every_step else None)
     if strategy == "ddp" and (module_kw.get("unused") or module_kw.get("batchnorm")):
         strategy = "ddp_find_unused_parameters_true"  # what DDP needs for parameters backward does not reach
+    if layout is not None:  # the strategy with options (default: the string, as a user writes it)
+        from lightning_codedreduce.strategy import strategy_class
+        from lit_common import NAMESPACE
+
+        strategy = strategy_class(NAMESPACE)(layout=layout)
     trainer = pl.Trainer(accelerator="cpu", devices=WORLD, strategy=strategy, max_epochs=epochs,
                          accumulate_grad_batches=accumulate, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, deterministic=deterministic,
@@ -124,7 +130,8 @@ def fit(pl, out: Path, name: str, strategy: str, *, shuffle=True, drop_last=Fals
             "train_loss": float(trainer.callback_metrics.get("train_loss", float("nan"))),
             "seen": model.seen, "mismatched": model.mismatched,
             "skipped": sum(r["skipped"] for r in getattr(trainer.strategy, "step_records", [])),
-            "steps_per_epoch": trainer.num_training_batches}
+            "steps_per_epoch": trainer.num_training_batches,
+            "layout": getattr(getattr(trainer.strategy, "plan", None), "layout", None)}
 
 
 def both(pl, out, name, **kw) -> dict:
@@ -137,6 +144,9 @@ def scenario(pl, out: Path, name: str) -> dict:
         return both(pl, out, name, shuffle=sh == "sh1", drop_last=dl == "dl1", accumulate=int(acc[3:]))
     if name == "straggler":  # one rank sleeps at random steps (codedreduce only: DDP would just wait)
         return {"ddp": fit(pl, out, name, "ddp"), "codedreduce": fit(pl, out, name, "codedreduce", delay=(1, 0.5, 0.3))}
+    if name == "balanced":  # the balanced layout (chunk owners), a random straggler, rank 0 included
+        return {"ddp": fit(pl, out, name, "ddp"),
+                "codedreduce": fit(pl, out, name, "codedreduce", delay=(0, 0.5, 0.3), layout="balanced")}
     if name == "stall_whole_epoch":
         return {"ddp": fit(pl, out, name, "ddp", checkpoint_every_step=False),
                 "codedreduce": fit(pl, out, name, "codedreduce", stall=(WORLD - 1, 1, 6.0), checkpoint_every_step=False)}
@@ -205,8 +215,8 @@ def _same_run(res: dict) -> float:
 
 WORLDS = (2, 3, 4, 5, 7, 8)
 GRID_NAMES = [grid_name(*g) for g in GRID]
-EXTRAS = {4: ["swa_batchnorm", "unused_weight_decay", "deterministic"], 3: ["deterministic", "stall_whole_epoch"],
-          7: ["deterministic"]}
+EXTRAS = {4: ["swa_batchnorm", "unused_weight_decay", "deterministic", "balanced"],
+          3: ["deterministic", "stall_whole_epoch"], 7: ["deterministic", "balanced"]}
 _JOBS: dict[int, Path] = {}
 
 
@@ -260,7 +270,8 @@ def test_a_rank_that_skips_a_whole_epoch_still_logs_and_trains_ddps_run(job):
     a whole epoch (it computed none of its steps) still takes part, and the run is DDP's."""
     ranks = [_result(job(3), "stall_whole_epoch", r) for r in range(3)]
     stalled = ranks[2]["codedreduce"]
-    assert stalled["skipped"] == stalled["steps_per_epoch"], stalled["skipped"]  # every step of epoch 1
+    # every step of epoch 1 (a loaded machine may keep the others busy past the stall: a few more)
+    assert stalled["skipped"] >= stalled["steps_per_epoch"], stalled["skipped"]
     _same_run(ranks[0])
     assert all(abs(r["codedreduce"]["train_loss"]) < float("inf") for r in ranks)
 
@@ -276,12 +287,21 @@ def test_unused_parameters_with_weight_decay_match_ddp(job):
     _same_run(res)
 
 
-@pytest.mark.parametrize("world", (3, pytest.param(4, marks=pytest.mark.xfail(
-    reason="W=4's 0/1 plan puts ranks 1 and 2 in one code group with differently shaped subtrees "
-           "(plan.irreproducible_reason; the strategy warns at start-up): not met yet", strict=True)), 7))
+@pytest.mark.parametrize("world", (3, 4, 7))
 def test_deterministic_runs_are_bitwise_identical(job, world):
+    """W=4's tree cannot be reproducible (ranks 1 and 2 form a code group through differently shaped subtrees):
+    under deterministic=True the strategy takes the balanced layout there, which sums one member per group in
+    group order."""
     res = _result(job(world), "deterministic")
     assert res["first"]["params"] == res["second"]["params"]
+    assert res["first"]["layout"] == ("balanced" if world == 4 else "tree")
+
+
+@pytest.mark.parametrize("world", (4, 7))
+def test_balanced_layout_with_a_straggling_rank_0_is_ddps_run(job, world):
+    res = _result(job(world), "balanced")
+    assert res["codedreduce"]["layout"] == "balanced"
+    _same_run(res)
 
 
 if __name__ == "__main__":

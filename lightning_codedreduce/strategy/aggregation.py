@@ -239,7 +239,8 @@ class GradientAggregator:
             finally:
                 self._in_closure = False
             compute = self._clock.step_compute(t0, time.perf_counter(), automatic)
-            flat = fit.reducer.reduce(step, self._local_gradient(fit, params))
+            local = self._local_gradient(fit, params)  # a private copy: the reducer may assemble the sum in it
+            flat = fit.reducer.reduce(step, local, in_place=local.device.type == "cpu")
         self._touched.reset()
         write_gradients(params, flat)
         self._clock.step_done()

@@ -16,6 +16,8 @@ import torch.distributed as dist
 from ..engine.transport import check_transport
 from ..environments import horovod_environment_class
 from ..plan import CodedReducePlan
+from ..plan.layout import DEFAULT_CHUNK_BYTES, LAYOUTS
+from ..plan.plan import check_int
 from ._common import WarnOnce, log
 from .internals import LightningInternals
 
@@ -39,6 +41,21 @@ def check_options(branching: int, stragglers: int, code: str, global_batch_size:
             or timeout <= 0:
         raise ValueError(f"timeout must be a finite, positive number of seconds (how long a silent peer may take "
                          f"before it counts as dead), got {timeout!r}")
+
+
+def check_layout(layout: str, chunk_bytes: int) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))} ('auto' picks 'balanced' for "
+                         f"bandwidth-bound gradients and 'tree' for small ones), got {layout!r}")
+    check_int("chunk_bytes", chunk_bytes, 1024, "use e.g. 1 MiB (1 << 20)")
+
+
+def message_bytes(module: Optional[torch.nn.Module]) -> Optional[int]:
+    """Bytes of the message reduced every step: the trainable parameters' gradients in float32 (see
+    ``gradients.flat_gradient``), which ``layout="auto"`` decides by."""
+    if module is None:
+        return None
+    return 4 * sum(p.numel() + 1 for p in module.parameters() if p.requires_grad)
 
 
 def ddp_base_options(ddp_kwargs: dict[str, Any], process_group_timeout: Optional[timedelta]) -> dict[str, Any]:
@@ -97,17 +114,27 @@ def horovodrun_layout(env: Optional[Any], namespace: str, processes: int,
 
 
 def build_plan(world_size: int, branching: int, stragglers: int, code: str, seed: int, *, manual: bool,
-               warn: WarnOnce) -> CodedReducePlan:
+               warn: WarnOnce, layout: str = "auto", chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+               gradient_bytes: Optional[int] = None) -> CodedReducePlan:
     """The plan; ``code="auto"`` becomes fractional repetition (0/1 weights) where it must: manual
-    optimization (the user back-propagates the loss) and ``Trainer(deterministic=True)`` (reproducible sums)."""
+    optimization (the user back-propagates the loss) and ``Trainer(deterministic=True)`` (reproducible sums).
+    ``layout="auto"`` picks the layout by ``gradient_bytes``; under ``deterministic=True`` it takes the
+    balanced layout (always reproducible) where the tree's plan is not."""
     deterministic = torch.are_deterministic_algorithms_enabled()
+    shape = dict(layout=layout, chunk_bytes=chunk_bytes, gradient_bytes=gradient_bytes)
     plan = None
     if code == "auto" and (manual or deterministic):
         try:
-            plan = CodedReducePlan(world_size, branching, stragglers, "frc", seed)
+            plan = CodedReducePlan(world_size, branching, stragglers, "frc", seed, **shape)
         except ValueError:  # no 0/1 code for this shape: the default one (a clear error later if manual)
             pass
-    plan = plan or CodedReducePlan(world_size, branching, stragglers, code, seed)
+    plan = plan or CodedReducePlan(world_size, branching, stragglers, code, seed, **shape)
+    if deterministic and layout == "auto" and plan.irreproducible_reason() is not None \
+            and world_size >= max(3, stragglers + 1):
+        why = plan.irreproducible_reason()
+        plan = CodedReducePlan(world_size, branching, stragglers, code, seed, layout="balanced", chunk_bytes=chunk_bytes)
+        plan.layout_reason = "Trainer(deterministic=True), and the tree cannot be reproducible: " + why
+        log.info(f"CodedReduce: balanced layout ({plan.layout_reason}); it tolerates slow ranks, not dead ones")
     reason = plan.irreproducible_reason() if deterministic else None
     if reason is not None:
         warn("deterministic", (

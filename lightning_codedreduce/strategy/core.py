@@ -35,6 +35,7 @@ import torch.distributed as dist
 from ..engine import CodedReduceError, CodedReducer
 from ..environments import horovod_environment_class, is_horovodrun
 from ..plan import CodedReducePlan
+from ..plan.layout import DEFAULT_CHUNK_BYTES
 from ..sampler import CodedReduceBatchSampler
 from . import checks
 from ._common import FitContext, WarnOnce, log, override
@@ -46,7 +47,7 @@ from .internals import LightningInternals
 
 STRATEGY_NAME = "codedreduce"
 FORK_STRATEGY_NAME = "codedreduce_fork"
-_SAME_ON_EVERY_RANK = ("branching", "stragglers", "code", "seed", "transport")
+_SAME_ON_EVERY_RANK = ("branching", "stragglers", "code", "seed", "transport", "layout", "chunk_bytes")
 
 
 def _define(ddp: type, namespace: str) -> type:
@@ -66,8 +67,9 @@ def _define(ddp: type, namespace: str) -> type:
                      global_batch_size: "int | str | None" = None, timeout: float = 30.0,
                      process_group_backend: Optional[str] = None, seed: int = 0, *,
                      process_group_timeout: Optional[timedelta] = None, transport: str = "gloo",
-                     **ddp_kwargs: Any) -> None:
+                     layout: str = "auto", chunk_bytes: int = DEFAULT_CHUNK_BYTES, **ddp_kwargs: Any) -> None:
             checks.check_options(branching, stragglers, code, global_batch_size, timeout, seed, transport)
+            checks.check_layout(layout, chunk_bytes)
             base = checks.ddp_base_options(ddp_kwargs, process_group_timeout)
             if base.get("cluster_environment") is None and is_horovodrun():
                 # horovodrun sets only HOROVOD_* variables, which Lightning does not read
@@ -75,6 +77,7 @@ def _define(ddp: type, namespace: str) -> type:
             super().__init__(process_group_backend=process_group_backend, **base)
             self.branching, self.stragglers, self.code, self.seed = branching, stragglers, code, seed
             self.transport = transport
+            self.layout, self.chunk_bytes = layout, chunk_bytes
             self.reduce_timeout = float(timeout)
             self.plan: Optional[CodedReducePlan] = None
             self.reducer: Optional[CodedReducer] = None
@@ -168,7 +171,8 @@ def _define(ddp: type, namespace: str) -> type:
             module = self.lightning_module
             manual = module is not None and not module.automatic_optimization
             self.plan = checks.build_plan(self.world_size, self.branching, self.stragglers, self.code, self.seed,
-                                          manual=manual, warn=self._warn)
+                                          manual=manual, warn=self._warn, layout=self.layout,
+                                          chunk_bytes=self.chunk_bytes, gradient_bytes=checks.message_bytes(module))
             log.debug(self.plan.describe())
             checks.check_same_plan({k: getattr(self, k) for k in _SAME_ON_EVERY_RANK}, self.plan)
             checks.check_materialised(module)
@@ -342,6 +346,11 @@ _CLASS_DOC = """Data-parallel training with CodedReduce instead of DDP's all-red
         process_group_timeout: timeout of the default process group (``DDPStrategy(timeout=...)``).
         transport: ``"gloo"`` (default; CUDA gradients are staged through host memory) or ``"nccl"``
             (frames over NCCL, one pair of 2-rank communicators per tree link; needs CUDA).
+        layout: how the gradient travels: ``"tree"`` (the paper's; tolerates dead ranks),
+            ``"balanced"`` (chunks owned by every rank: ring all-reduce's bandwidth, any slow rank
+            tolerated, rank 0 included, but no dead one) or ``"auto"`` (default: balanced for gradients of
+            2 MiB and more, and where ``Trainer(deterministic=True)`` meets a tree that cannot be reproducible).
+        chunk_bytes: chunk size of the balanced layout.
 
     After set-up: ``plan`` (the :class:`CodedReducePlan`), ``reducer``, ``sampler``,
     ``global_batch_size`` and ``step_records`` (one ``{"step", "compute_s", "skipped"}`` per optimizer step).
