@@ -34,19 +34,19 @@ class FrameArrived:
 
 
 @dataclass(frozen=True)
-class PeerDead:
+class LinkTrouble:
+    """What a link reports about its peer (the subclasses say what went wrong)."""
+
+    peer: int
+    why: str
+
+
+class PeerDead(LinkTrouble):
     """A link lost its peer: the connection broke, or the peer was silent for the timeout."""
 
-    peer: int
-    why: str
 
-
-@dataclass(frozen=True)
-class BadFrame:
+class BadFrame(LinkTrouble):
     """A link received a frame that must not be used (corrupt, another plan, out of protocol)."""
-
-    peer: int
-    why: str
 
 
 @dataclass(frozen=True)
