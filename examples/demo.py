@@ -16,8 +16,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 
@@ -25,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from lightning_codedreduce.callbacks.monitor import format_summary, plot_stragglers, read_rows, summarize  # noqa: E402
+from lightning_codedreduce._procs import LaunchTimeout, run as run_processes  # noqa: E402
 from lightning_codedreduce.plan import CodedReducePlan  # noqa: E402
 
 
@@ -39,38 +38,33 @@ def run(name: str, args: argparse.Namespace, straggler: int, out_root: str) -> d
            "--seed", str(args.seed)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
-    log_path = os.path.join(out, "launcher.log")
     start = time.monotonic()
     print(f"  {name:<12} launching {args.procs} processes ...", flush=True)
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
-        last_print, last_step = start, None
-        try:
-            while proc.poll() is None:
-                time.sleep(0.5)
-                now = time.monotonic()
-                if now - start > args.timeout:
-                    raise TimeoutError(f"{name} did not finish within {args.timeout:.0f} s (see {log_path})")
-                if now - last_print >= 4.0:
-                    step = _last_progress(out)
-                    if step is None:
-                        print(f"  {name:<12} starting ({args.procs} Python processes importing torch and Lightning on "
-                              f"{os.cpu_count()} cores)   {now - start:5.1f} s", flush=True)
-                    elif step != last_step:
-                        print(f"  {name:<12} step {step['step']:>4}/{args.steps}   "
-                              f"{step['step'] / max(step['t'], 1e-9):6.1f} steps/s   {now - start:5.1f} s", flush=True)
-                        last_step = step
-                    last_print = now
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+    progress = {"printed": start, "step": None}
+
+    def report_progress() -> None:
+        now = time.monotonic()
+        if now - progress["printed"] < 4.0:
+            return
+        step = _last_progress(out)
+        if step is None:
+            print(f"  {name:<12} starting ({args.procs} Python processes importing torch and Lightning on "
+                  f"{os.cpu_count()} cores)   {now - start:5.1f} s", flush=True)
+        elif step != progress["step"]:
+            print(f"  {name:<12} step {step['step']:>4}/{args.steps}   "
+                  f"{step['step'] / max(step['t'], 1e-9):6.1f} steps/s   {now - start:5.1f} s", flush=True)
+            progress["step"] = step
+        progress["printed"] = now
+
+    try:
+        res = run_processes([(cmd, env)], out, args.timeout, cwd=ROOT, log_names=["launcher.log"], term_grace=10.0,
+                  on_poll=report_progress, label=name)
+    except LaunchTimeout as err:
+        raise TimeoutError(f"{name} did not finish within {args.timeout:.0f} s (see {out}/launcher.log)") from err
     wall = time.monotonic() - start
     result_path = os.path.join(out, "result.json")
-    if proc.returncode != 0 or not os.path.exists(result_path):
-        with open(log_path) as f:
-            tail = f.read()[-3000:]
-        raise RuntimeError(f"{name} run failed (exit {proc.returncode}); last output:\n{tail}")
+    if res.returncodes[0] != 0 or not os.path.exists(result_path):
+        raise RuntimeError(f"{name} run failed (exit {res.returncodes[0]}); last output:\n{res.output(0)[-3000:]}")
     with open(result_path) as f:
         result = json.load(f)
     result["wall_s"] = wall

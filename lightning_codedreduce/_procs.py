@@ -187,19 +187,19 @@ class Launcher:
         return index
 
     def wait(self, timeout: float, *, actions: Iterable[Signal | tuple] = (), stop_on_failure: bool = False,
-             failure_grace: float = 0.0) -> Result:
+             failure_grace: float = 0.0, on_poll: Callable[[], None] | None = None) -> Result:
         """Wait until every process has exited, then clean up and return the result.
 
         ``actions``: ``Signal``s (or ``(when, index, sig)`` tuples), each sent once. ``stop_on_failure``: once
         a process exits non-zero, wait ``failure_grace`` seconds more (the others may report), then stop the
         rest. Raises ``LaunchTimeout`` (its message ends with the tails of the logs) when the processes are
-        not done within ``timeout`` seconds.
+        not done within ``timeout`` seconds. ``on_poll`` is called between polls (progress output).
         """
         pending = [a if isinstance(a, Signal) else Signal(*a) for a in actions]
         deadline = time.monotonic() + timeout
         with _sigterm_unwinds():
             try:
-                self._watch(deadline, pending, stop_on_failure, failure_grace)
+                self._watch(deadline, pending, stop_on_failure, failure_grace, on_poll)
             finally:
                 self.close()
         result = self.result(timed_out=self._timed_out)
@@ -208,7 +208,8 @@ class Launcher:
             raise LaunchTimeout(f"{label}: did not finish within {timeout:g} s:\n{result.tails()}", result)
         return result
 
-    def _watch(self, deadline: float, pending: list[Signal], stop_on_failure: bool, failure_grace: float) -> None:
+    def _watch(self, deadline: float, pending: list[Signal], stop_on_failure: bool, failure_grace: float,
+               on_poll: Callable[[], None] | None) -> None:
         failed_at = None
         while True:
             self._note_exits()
@@ -226,6 +227,8 @@ class Launcher:
                 if action.when():
                     pending.remove(action)
                     self._send(action)
+            if on_poll is not None:
+                on_poll()
             time.sleep(self.poll)
 
     def result(self, timed_out: bool = False) -> Result:
@@ -303,10 +306,11 @@ class Launcher:
 def run(commands: Sequence[tuple[Sequence[str], dict | None]], log_dir: Path | str, timeout: float, *,
         actions: Iterable[Signal | tuple] = (), stop_on_failure: bool = False, failure_grace: float = 0.0,
         cwd: Path | str | None = None, label: str | None = None, log_names: Sequence[str] | None = None,
-        term_grace: float = 5.0) -> Result:
+        term_grace: float = 5.0, on_poll: Callable[[], None] | None = None) -> Result:
     """Start ``(argv, env)`` commands at once (logs ``log_dir/proc<i>.log`` or ``log_names``) and wait for
     them as ``Launcher.wait`` does; always cleaned up."""
     with Launcher(log_dir, cwd=cwd, label=label, term_grace=term_grace) as launcher:
         for i, (argv, env) in enumerate(commands):
             launcher.start(argv, env, log_names[i] if log_names else None)
-        return launcher.wait(timeout, actions=actions, stop_on_failure=stop_on_failure, failure_grace=failure_grace)
+        return launcher.wait(timeout, actions=actions, stop_on_failure=stop_on_failure, failure_grace=failure_grace,
+                             on_poll=on_poll)

@@ -31,8 +31,6 @@ import argparse
 import hashlib
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -158,35 +156,21 @@ def worker_lightning(a) -> dict:
 
 
 def _launch(kind: str, world: int, out: Path, extra: list[str], timeout: float) -> tuple[list[int], list[str]]:
+    from lightning_codedreduce._procs import LaunchTimeout, run
+
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_", "HOROVOD_"))}
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), PYTHONUNBUFFERED="1",
                OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT))
     env.setdefault("NCCL_DEBUG", "WARN")  # NCCL's reason (e.g. "Duplicate GPU detected") in the logs
-    procs, logs = [], []
+    commands = [([sys.executable, __file__, "--worker", kind, "--out", str(out), *extra],
+                 dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(world)]
     try:
-        for r in range(world):
-            log = open(out / f"{kind}.rank{r}.log", "w+")
-            logs.append(log)
-            procs.append(subprocess.Popen(
-                [sys.executable, __file__, "--worker", kind, "--out", str(out), *extra],
-                env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True))
-        deadline = time.monotonic() + timeout
-        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-            time.sleep(0.1)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(10)
-        texts = []
-        for log in logs:
-            log.seek(0)
-            texts.append(log.read())
-            log.close()
-    return [p.returncode for p in procs], texts
+        res = run(commands, out, timeout, log_names=[f"{kind}.rank{r}.log" for r in range(world)])
+    except LaunchTimeout as err:  # the ranks were stopped: report them as failed, with their logs
+        res = err.result
+    return [-9 if rc is None else rc for rc in res.returncodes], res.outputs
 
 
 def _results(out: Path, kind: str, world: int) -> list[dict]:

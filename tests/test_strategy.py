@@ -35,29 +35,15 @@ def _env():
 
 
 def _run_process(cmd, out_dir: Path, timeout: float, env=None) -> str:
-    """Run one launcher process (it starts the ranks itself); kill its whole session on timeout/exit."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log_path = out_dir / "launcher.log"
-    with open(log_path, "w+") as log:
-        proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env or _env(), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)  # torchrun stops its workers (own sessions) on SIGTERM
-                proc.wait(15)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
-            pytest.fail(f"{cmd} did not finish in {timeout} s:\n{log_path.read_text()[-4000:]}")
-        finally:  # the session may still hold ranks the launcher started (the worker also dies with its parent)
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(10)
-        text = log_path.read_text()
-    assert proc.returncode == 0, f"{cmd} failed (rc {proc.returncode}):\n{text[-4000:]}"
+    """Run one launcher process (it starts the ranks itself); its whole session is stopped on timeout or exit."""
+    from lightning_codedreduce._procs import LaunchTimeout, run
+
+    try:
+        res = run([(cmd, env or _env())], out_dir, timeout, cwd=ROOT, log_names=["launcher.log"], term_grace=15.0)
+    except LaunchTimeout as err:
+        pytest.fail(str(err))
+    text = res.output(0)
+    assert res.returncodes[0] == 0, f"{cmd} failed (rc {res.returncodes[0]}):\n{text[-4000:]}"
     return text
 
 

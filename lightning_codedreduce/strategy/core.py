@@ -170,12 +170,12 @@ def _define(ddp: type, namespace: str) -> type:
                                      "the slowest rank and CodedReduce cannot skip stragglers")
             module = self.lightning_module
             manual = module is not None and not module.automatic_optimization
+            checks.check_materialised(module)  # before the plan: the layout is chosen by the gradient's size
             self.plan = checks.build_plan(self.world_size, self.branching, self.stragglers, self.code, self.seed,
                                           manual=manual, warn=self._warn, layout=self.layout,
                                           chunk_bytes=self.chunk_bytes, gradient_bytes=checks.message_bytes(module))
             log.debug(self.plan.describe())
             checks.check_same_plan({k: getattr(self, k) for k in _SAME_ON_EVERY_RANK}, self.plan)
-            checks.check_materialised(module)
             self._lightning.apply_patches(trainer, self._on_first_sigterm)
             checks.warn_per_step_collectives(trainer, namespace, self._lightning, self._warn)
 
