@@ -191,8 +191,7 @@ def test_bad_frames_rejected(tmp_path):
 BALANCED = ["--layout", "balanced", "--dim", "3000", "--chunk-bytes", "1024"]  # 12 KB: several chunks per owner
 
 
-@pytest.mark.parametrize("world,s,in_place", [(2, 1, False), (4, 1, True), (7, 1, False), (7, 2, True), (13, 1, True),
-                                              (5, 0, False)])
+@pytest.mark.parametrize("world,s,in_place", [(2, 1, False), (4, 1, True), (7, 2, True), (13, 1, True), (5, 0, False)])
 def test_balanced_exact_under_random_delays(tmp_path, world, s, in_place):
     run = launch("engine_worker.py", world, [*BALANCED, "--s", str(s), "--steps", "12", "--jitter", "0.03",
                                              *(["--in-place"] if in_place else [])], tmp_path)
