@@ -38,6 +38,7 @@ import numpy as np
 
 from .plan import CodedReducePlan, Shard
 from .plan.codes import make_code
+from .plan.layout import chunk_bounds
 from .plan.tree import Node, parts_lp
 
 __all__ = ["MasterWorkerPlan", "NetworkModel", "SimResult", "StragglerSpec", "Stragglers", "simulate",
@@ -384,8 +385,6 @@ def _balanced_step(topo: Topology, local: list[float], msg_bytes: float, net: Ne
 
 
 def _chunk_count(plan, msg_bytes: float) -> list[tuple[int, int]]:
-    from .plan.layout import chunk_bounds
-
     return chunk_bounds(max(1, int(msg_bytes // 4)), 4, plan.world_size, plan.chunk_bytes)
 
 

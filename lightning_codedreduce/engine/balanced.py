@@ -184,7 +184,7 @@ class BalancedProtocol(Protocol):
             out += parts[g]
         asm.result[a:b].copy_(out)
         header = Header(Kind.CHUNK_DOWN, step, b - a, out.dtype, self.rank, extra=c, total=asm.result.numel())
-        for peer, link in self.links.items():
+        for link in self.links.values():
             link.send(header, out)
         left = self.owned_left[step]
         left.discard(c)
