@@ -239,8 +239,10 @@ class GradientAggregator:
             finally:
                 self._in_closure = False
             compute = self._clock.step_compute(t0, time.perf_counter(), automatic)
-            local = self._local_gradient(fit, params)  # a private copy: the reducer may assemble the sum in it
-            flat = fit.reducer.reduce(step, local, in_place=local.device.type == "cpu")
+            local = self._local_gradient(fit, params)  # a private copy: the balanced layout assembles the sum in it
+            # (the tree accumulates in a copy of its own either way: in place would only add a copy back)
+            in_place = fit.reducer.plan.balanced is not None and local.device.type == "cpu"
+            flat = fit.reducer.reduce(step, local, in_place=in_place)
         self._touched.reset()
         write_gradients(params, flat)
         self._clock.step_done()
