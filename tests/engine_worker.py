@@ -38,6 +38,8 @@ def main() -> None:
     p.add_argument("--jitter-seed", type=int, default=1000)
     p.add_argument("--in-place", action="store_true", help="reduce(..., in_place=True)")
     p.add_argument("--chunk-bytes", type=int, default=1 << 20)
+    p.add_argument("--parts", type=int, default=0,
+                   help="hand the gradient in as it is written: begin(), this many ranges in random order, finish()")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -72,9 +74,10 @@ def main() -> None:
             else:
                 delay = a.compute * (float(slow_factor) if rank == int(slow_rank) else 1.0)
                 delay += a.jitter * delay_rng.random()
-                if rank == int(sleep_rank) and step == int(sleep_step):
+                pause = float(sleep_secs) if rank == int(sleep_rank) and step == int(sleep_step) else 0.0
+                if pause and not a.parts:  # (by parts: the pause comes half-way through writing the gradient)
                     out["sleep"] = [time.time(), None]
-                    time.sleep(float(sleep_secs))
+                    time.sleep(pause)
                     out["sleep"][1] = time.time()
                 time.sleep(delay)
                 local = torch.zeros(a.dim, dtype=torch.float32)
@@ -82,7 +85,11 @@ def main() -> None:
                     rows = torch.as_tensor(idx[sh.start:sh.stop])
                     xs, ys = X32[rows], Y32[rows]
                     local += sh.weight * ((xs @ theta - ys)[:, None] * xs).sum(0)
-                result = reducer.reduce(step, local, in_place=a.in_place)
+                if a.parts:
+                    result, paused = handed_in_by_parts(reducer, step, local, a.parts, delay_rng, pause)
+                    out["sleep"] = paused or out.get("sleep")
+                else:
+                    result = reducer.reduce(step, local, in_place=a.in_place)
                 out["backlog"].append(reducer.backlog_steps)
             th64 = theta.double().numpy()
             xs, ys = X[idx], Y[idx]
@@ -115,6 +122,29 @@ def main() -> None:
     reducer.close()
     sys.stdout.flush()
     os._exit(code)  # never hang in process-group teardown when a peer is gone
+
+
+def handed_in_by_parts(reducer: CodedReducer, step: int, local: torch.Tensor, parts: int,
+                       rng: np.random.Generator, pause: float = 0.0) -> tuple[torch.Tensor, list[float] | None]:
+    """As gradient hooks do in backward: ranges of the buffer written in random order, each announced;
+    ``pause`` seconds half-way (a slow backward: the others' results arrive for chunks still being written).
+    Returns the sum and when the pause began and ended."""
+    flat = torch.full_like(local, float("nan"))  # anything not written would poison the sum
+    reducer.begin(step, flat)
+    cuts = np.sort(rng.choice(np.arange(1, local.numel()), size=min(parts, local.numel()) - 1, replace=False))
+    ranges = list(zip([0, *cuts.tolist()], [*cuts.tolist(), local.numel()]))
+    paused = None
+    for k, i in enumerate(rng.permutation(len(ranges))):
+        if pause and k == len(ranges) // 2:
+            paused = [time.time()]
+            time.sleep(pause)
+            paused.append(time.time())
+        lo, hi = ranges[i]
+        flat[lo:hi] = local[lo:hi]
+        if i != len(ranges) - 1:  # the last range is left to finish(): it hands in whatever is not announced
+            reducer.filled(step, lo, hi)
+        time.sleep(0.002 * rng.random())
+    return reducer.finish(step).clone(), paused
 
 
 if __name__ == "__main__":

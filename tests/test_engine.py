@@ -233,3 +233,19 @@ def test_balanced_dead_rank_stops_every_rank_naming_it(tmp_path):
     res = _results(run, [r for r in range(7) if r != 4])
     for r, d in res.items():
         assert d["error"] is not None and "rank 4" in d["error"], f"rank {r}: {d['error']}"
+
+
+@pytest.mark.parametrize("world,s,sleeper", [(4, 1, 0), (7, 2, 3), (5, 0, -1)])
+def test_balanced_gradient_handed_in_while_it_is_written(tmp_path, world, s, sleeper):
+    # begin / filled / finish, as the strategy's gradient hooks do in backward: ranges announced in random
+    # order, chunks sent as they close; a sleeping rank gets results for chunks it is still writing
+    sleep = ["--sleep-once", f"{sleeper}:4:1.5"] if sleeper >= 0 else []
+    run = launch("engine_worker.py", world, [*BALANCED, "--s", str(s), "--steps", "12", "--jitter", "0.03",
+                                             "--parts", "7", *sleep], tmp_path)
+    run.check()
+    res = _results(run, range(world))
+    _assert_exact_and_identical(res)
+    if sleeper >= 0:  # the others reduced the step it was writing without it, and went on
+        start, end = res[sleeper]["sleep"]
+        for r in set(range(world)) - {sleeper}:
+            assert res[r]["applied_at"][4] < end, f"rank {r} waited for rank {sleeper}'s half-written gradient"

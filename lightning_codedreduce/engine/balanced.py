@@ -2,8 +2,11 @@
 
 Per step, on every rank (its protocol thread; the caller's compute may be slow meanwhile):
 
-1. When the caller hands in its gradient, chunk ``c`` is sent to its owner ``c mod W`` (the rank's own
-   chunks stay local), except chunks whose result already arrived (the rank is late: nobody needs it).
+1. The caller hands in its gradient buffer, whole or (``CodedReducer.begin``) while backward still fills
+   it. Each chunk ``c``, once the caller has filled (*closed*) it, is sent to its owner ``c mod W`` (the
+   rank's own chunks stay local), except chunks whose result already arrived (the rank is late: nobody
+   needs it). The result is assembled in the same buffer; a chunk's result that arrives while the caller
+   still writes that chunk waits aside until it is closed.
 2. As owner, the rank keeps the first arrival of each fractional-repetition group for each of its
    chunks (its own gradient included; later members are drained). Once every group is in, it sums
    them in group order (the same bits whichever member arrived) into the step's result and sends
@@ -16,6 +19,7 @@ naming it, within the timeout); slow compute anywhere, rank 0 included, is not w
 """
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,8 +36,12 @@ from .protocol import Protocol
 class _Assembly:
     """One step's result on this rank, filled chunk by chunk."""
 
-    result: torch.Tensor
-    have: set[int] = field(default_factory=set)
+    result: torch.Tensor  # the caller's buffer once it handed it in (before: a buffer of our own)
+    have: set[int] = field(default_factory=set)  # chunks whose result is known
+    # chunks the caller may still write (None: no caller buffer yet); the receivers land nothing in them
+    open: Optional[set[int]] = None
+    filled: dict[int, int] = field(default_factory=dict)  # open chunk -> values the caller has filled
+    aside: dict[int, torch.Tensor] = field(default_factory=dict)  # results of chunks still open (or of the old buffer)
 
 
 class BalancedProtocol(Protocol):
@@ -45,15 +53,16 @@ class BalancedProtocol(Protocol):
         self.groups = self.plan.balanced
         self.floor = start_step  # every step below is published here
         self.published: set[int] = set()  # published steps >= floor
-        self.local: dict[int, torch.Tensor] = {}  # this rank's gradient, until its step is published
         self.pending: dict[tuple[int, int], dict[int, torch.Tensor]] = {}  # (step, owned chunk) -> group -> part
         self.owned_left: dict[int, set[int]] = {}  # step -> owned chunks not yet reduced
         self.assembly: dict[int, _Assembly] = {}
         self.used: dict[int, set[int]] = {}  # step -> ranks whose parts were summed here
         self.starved_from: Optional[int] = None  # first step that can never complete (an owner closed)
         self._bounds: dict[tuple[int, torch.dtype], list[tuple[int, int]]] = {}
-        # result buffers by step, for the links' receivers: a reduced chunk lands where it belongs
-        self._landing: dict[int, torch.Tensor] = {}
+        self._chunk_starts: dict[tuple[int, torch.dtype], list[int]] = {}  # for bisecting a filled range
+        # result buffers by step, for the links' receivers: a reduced chunk lands where it belongs (the
+        # assembly, whose ``open`` chunks the receivers leave alone: the caller may be writing them)
+        self._landing: dict[int, _Assembly] = {}
         self._landing_lock = threading.Lock()
         for link in self.links.values():
             link.landing = self.landing_for
@@ -62,22 +71,24 @@ class BalancedProtocol(Protocol):
         """Called by a link's receiver thread: the slice of its step's result a CHUNK_DOWN frame fills."""
         if header.kind != Kind.CHUNK_DOWN or not header.total:
             return None
-        with self._landing_lock:
-            result = self._landing.get(header.step)
-        if result is None or result.numel() != header.total or result.dtype != header.dtype:
-            return None
         bounds = self._chunks(header.total, header.dtype)
         if not 0 <= header.extra < len(bounds):
             return None
-        a, b = bounds[header.extra]
-        return result[a:b]
+        with self._landing_lock:  # held while the protocol thread closes chunks or swaps buffers
+            asm = self._landing.get(header.step)
+            if asm is None or asm.result.numel() != header.total or asm.result.dtype != header.dtype:
+                return None
+            if asm.open is not None and header.extra in asm.open:
+                return None  # the caller may still write this chunk: the result waits aside
+            a, b = bounds[header.extra]
+            return asm.result[a:b]
 
-    def _set_landing(self, step: int, result: torch.Tensor | None) -> None:
+    def _set_landing(self, step: int, asm: _Assembly | None) -> None:
         with self._landing_lock:
-            if result is None:
+            if asm is None:
                 self._landing.pop(step, None)
             else:
-                self._landing[step] = result
+                self._landing[step] = asm
 
     # ------------------------------------------------------------------ helpers
     def _chunks(self, total: int, dtype: torch.dtype) -> list[tuple[int, int]]:
@@ -93,7 +104,7 @@ class BalancedProtocol(Protocol):
         asm = self.assembly.get(step)
         if asm is None:
             asm = self.assembly[step] = _Assembly(torch.empty(total, dtype=dtype))
-            self._set_landing(step, asm.result)
+            self._set_landing(step, asm)
             self.owned_left[step] = {c for c in range(len(self._chunks(total, dtype))) if owner_of(c, self.world) == self.rank}
         elif asm.result.numel() != total or asm.result.dtype != dtype:
             raise FrameError(f"step {step}: a message of {total} {dtype} values, expected {asm.result.numel()} "
@@ -101,30 +112,69 @@ class BalancedProtocol(Protocol):
         return asm
 
     # ------------------------------------------------------------------ local gradient
-    def on_local(self, step: int, flat: torch.Tensor, when: float, in_place: bool = False) -> None:
+    def on_local(self, step: int, flat: torch.Tensor, when: float, in_place: bool = False,
+                 partial: bool = False) -> None:
+        """``flat`` becomes the step's result buffer (the caller's, or the reducer's private copy); with
+        ``partial`` the caller is still filling it and announces ranges with :meth:`on_filled`."""
         if self._is_published(step):
             return  # reduced without us
-        self.local[step] = flat
-        self.stat(step).local_ready = when
         total, dtype = flat.numel(), flat.dtype
         asm = self._assembly(step, total, dtype)
-        if in_place:  # assemble the result in the caller's tensor: a part of it is overwritten only once its
-            # chunk is reduced, when any copy of that part still queued for its owner is late (drained)
-            for c in asm.have:
-                a, b = self._chunks(total, dtype)[c]
-                flat[a:b].copy_(asm.result[a:b])
-            asm.result = flat  # chunks already landed in the old buffer are copied when their frames are handled
-            self._set_landing(step, flat)
-        mine = self.groups.group_of(self.rank)
-        for c, (a, b) in enumerate(self._chunks(total, dtype)):
+        if asm.open is not None:
+            raise FrameError(f"step {step}: the local gradient was handed in twice")
+        bounds = self._chunks(total, dtype)
+        with self._landing_lock:
+            for c in asm.have:  # results that came first stay in the old buffer until their chunk is closed
+                a, b = bounds[c]
+                asm.aside[c] = asm.result[a:b]
+            asm.result, asm.open = flat, set(range(len(bounds)))
+        if not partial:
+            self.on_filled(step, 0, None, when)
+
+    def on_filled(self, step: int, lo: int, hi: Optional[int], when: Optional[float] = None) -> None:
+        """The caller wrote ``[lo, hi)`` of its buffer (``hi=None``: it is done, everything is written)."""
+        asm = self.assembly.get(step)
+        if self._is_published(step) or asm is None or asm.open is None:
+            return  # reduced without us (the caller's writes went into a buffer nobody reads)
+        bounds = self._chunks(asm.result.numel(), asm.result.dtype)
+        if hi is None:
+            self.stat(step).local_ready = time.monotonic() if when is None else when
+            for c in sorted(asm.open):
+                self._close(step, asm, c)
+            return
+        first = bisect.bisect_right(self._starts(asm.result.numel(), asm.result.dtype), lo) - 1
+        for c in range(max(first, 0), len(bounds)):
+            a, b = bounds[c]
+            if a >= hi:
+                break
+            if c in asm.open:
+                asm.filled[c] = asm.filled.get(c, 0) + min(b, hi) - max(a, lo)
+                if asm.filled[c] >= b - a:
+                    self._close(step, asm, c)
+
+    def _starts(self, total: int, dtype: torch.dtype) -> list[int]:
+        key = (total, dtype)
+        if key not in self._chunk_starts:
+            self._chunk_starts[key] = [a for a, _ in self._chunks(total, dtype)]
+        return self._chunk_starts[key]
+
+    def _close(self, step: int, asm: _Assembly, c: int) -> None:
+        """Chunk ``c`` of the caller's buffer is written: send it to its owner, or put its result in."""
+        with self._landing_lock:
+            asm.open.discard(c)
+        asm.filled.pop(c, None)
+        a, b = self._chunks(asm.result.numel(), asm.result.dtype)[c]
+        if c in asm.aside:  # its result came first: nobody needs this rank's part
+            asm.result[a:b].copy_(asm.aside.pop(c))
+        elif c not in asm.have:
             owner = owner_of(c, self.world)
-            if c in asm.have:
-                continue  # its result is here already: nobody needs this rank's part
             if owner == self.rank:
-                self._contribute(step, c, mine, flat[a:b], self.rank)
+                self._contribute(step, c, self.groups.group_of(self.rank), asm.result[a:b], self.rank)
             else:
-                self.links[owner].send(Header(Kind.CHUNK_UP, step, b - a, dtype, self.rank, extra=c, total=total),
-                                       flat[a:b])
+                self.links[owner].send(Header(Kind.CHUNK_UP, step, b - a, asm.result.dtype, self.rank, extra=c,
+                                              total=asm.result.numel()), asm.result[a:b])
+        if step in self.assembly:
+            self._publish_if_complete(step, asm)
 
     # ------------------------------------------------------------------ frames
     def on_data_frame(self, src: int, header: Header, payload: torch.Tensor | None) -> None:
@@ -146,7 +196,9 @@ class BalancedProtocol(Protocol):
                 raise FrameError(f"rank {src} sent chunk {c} of step {step} twice")
             a, b = bounds[c]
             dest = asm.result[a:b]
-            if payload.data_ptr() != dest.data_ptr():  # it did not land in place
+            if asm.open is not None and c in asm.open:
+                asm.aside[c] = payload  # the caller may still write this chunk
+            elif payload.data_ptr() != dest.data_ptr():  # it did not land in place
                 dest.copy_(payload)
             self._have(step, c, asm)
             return
@@ -182,7 +234,10 @@ class BalancedProtocol(Protocol):
         out = parts[0].clone()
         for g in range(1, self.groups.count):  # group order, not arrival order: reproducible bits
             out += parts[g]
-        asm.result[a:b].copy_(out)
+        if asm.open is not None and c in asm.open:
+            asm.aside[c] = out  # the caller may still write this chunk (its own part was not needed)
+        else:
+            asm.result[a:b].copy_(out)
         header = Header(Kind.CHUNK_DOWN, step, b - a, out.dtype, self.rank, extra=c, total=asm.result.numel())
         for link in self.links.values():
             link.send(header, out)
@@ -196,12 +251,15 @@ class BalancedProtocol(Protocol):
 
     def _have(self, step: int, c: int, asm: _Assembly) -> None:
         asm.have.add(c)
-        if len(asm.have) < len(self._chunks(asm.result.numel(), asm.result.dtype)):
+        self._publish_if_complete(step, asm)
+
+    def _publish_if_complete(self, step: int, asm: _Assembly) -> None:
+        """Every chunk's result is known and in the buffer (none waits for the caller to close its chunk)."""
+        if len(asm.have) < len(self._chunks(asm.result.numel(), asm.result.dtype)) or asm.open:
             return
         del self.assembly[step]  # complete: publish
         self._set_landing(step, None)
         self.owned_left.pop(step, None)
-        self.local.pop(step, None)
         self.stat(step).result = time.monotonic()
         self.board.publish(step, asm.result)
         self.published.add(step)

@@ -21,6 +21,16 @@ class LocalReady:
     flat: torch.Tensor
     when: float
     in_place: bool = False  # ``flat`` is the caller's tensor: the balanced layout assembles the result in it
+    partial: bool = False  # the caller is still writing ``flat`` (balanced layout): ``LocalFilled`` says where
+
+
+@dataclass(frozen=True)
+class LocalFilled:
+    """The caller wrote ``flat[lo:hi]`` of a gradient handed in with ``partial``; ``hi=None``: all of it."""
+
+    step: int
+    lo: int = 0
+    hi: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -69,4 +79,4 @@ class Close:
     """Deliver what is queued, say goodbye on every link, stop the protocol thread."""
 
 
-Event = Union[LocalReady, FrameArrived, PeerDead, BadFrame, ControlValue, Abort, Close]
+Event = Union[LocalReady, LocalFilled, FrameArrived, PeerDead, BadFrame, ControlValue, Abort, Close]

@@ -2,7 +2,7 @@
 
 A protocol object lives on the reducer's protocol thread, which alone calls its methods and changes its
 state. ``tree.py`` (the paper's tree) and ``balanced.py`` (chunk owners) implement the layout-specific
-part: ``on_local``, ``on_data_frame``, ``on_dead``, ``on_death_notice``, ``advance`` and ``starved``.
+part: ``on_local`` (``on_filled``: the balanced layout's gradient handed in while backward fills it), ``on_data_frame``, ``on_dead``, ``on_death_notice``, ``advance`` and ``starved``.
 """
 from __future__ import annotations
 
@@ -117,8 +117,12 @@ class Protocol:
             stat.arrivals.setdefault(src, time.monotonic())
 
     # ------------------------------------------------------------------ per layout
-    def on_local(self, step: int, flat: torch.Tensor, when: float, in_place: bool = False) -> None:  # pragma: no cover
+    def on_local(self, step: int, flat: torch.Tensor, when: float, in_place: bool = False,
+                 partial: bool = False) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def on_filled(self, step: int, lo: int, hi: Optional[int]) -> None:  # pragma: no cover - balanced only
+        raise NotImplementedError(f"{type(self).__name__} takes the local gradient whole")
 
     def on_data_frame(self, src: int, header: Header, payload: torch.Tensor | None) -> None:  # pragma: no cover
         raise NotImplementedError

@@ -39,7 +39,7 @@ from ..plan import CodedReducePlan
 from .balanced import BalancedProtocol
 from .board import CodedReduceError, ResultBoard
 from .collectives import TreeCollectives
-from .events import Abort, BadFrame, Close, ControlValue, FrameArrived, LocalReady, PeerDead
+from .events import Abort, BadFrame, Close, ControlValue, FrameArrived, LocalFilled, LocalReady, PeerDead
 from .frames import FrameError, Header, Kind, fingerprint_int
 from .protocol import Protocol, StepStats
 from .tree import TreeProtocol
@@ -88,6 +88,7 @@ class CodedReducer:
         self.transport = transport
         self._events: queue.Queue = queue.Queue()
         self._board = ResultBoard(start_step, max_backlog_bytes)
+        self._begun: tuple[int, torch.Tensor] | None = None  # (step, buffer) between begin() and finish()
         hb = max(0.05, timeout / 10)
         groups = link_groups(plan, self.rank, group, timeout, transport)
         device = torch.device("cuda", torch.cuda.current_device()) if transport == "nccl" else None
@@ -132,8 +133,7 @@ class CodedReducer:
         the tree accumulates in a private copy and copies the result back.
         """
         tensors = [local] if isinstance(local, torch.Tensor) else list(local)
-        if step != self.next_step:
-            raise ValueError(f"reduce(step={step}) out of order: the next step to apply is {self.next_step}")
+        self._check_step(step, "reduce")
         if in_place and not (len(tensors) == 1 and tensors[0].device.type == "cpu" and tensors[0].is_contiguous()):
             raise ValueError("reduce(..., in_place=True) needs one contiguous CPU tensor")
         self._raise_if_failed()
@@ -155,6 +155,49 @@ class CodedReducer:
             parts.append(out[offset:offset + t.numel()].view_as(t).to(t.device, t.dtype))
             offset += t.numel()
         return parts[0] if isinstance(local, torch.Tensor) else parts
+
+    # ------------------------------------------------------------------ caller API: handed in while backward runs
+    def begin(self, step: int, flat: torch.Tensor) -> None:
+        """Start ``step`` with a buffer the caller is still filling (e.g. from gradient hooks in backward).
+
+        Call order: ``begin(step, flat)``, then ``filled(step, lo, hi)`` for disjoint ranges as they are
+        written (each write must be complete before its call, and the caller must not write a range after
+        announcing it), then ``finish(step)``, which returns the sum, written into ``flat``. In the balanced
+        layout every chunk is sent as soon as it is filled, while the caller goes on (overlap with backward);
+        the tree takes the buffer whole at ``finish``.
+        """
+        self._check_step(step, "begin")
+        if not (flat.device.type == "cpu" and flat.dim() == 1 and flat.is_contiguous()):
+            raise ValueError("begin(step, flat) needs one flat, contiguous CPU tensor")
+        self._raise_if_failed()
+        self._begun = (step, flat)
+        if self.plan.balanced is not None:
+            self._events.put(LocalReady(step, flat.detach(), time.monotonic(), in_place=True, partial=True))
+
+    def filled(self, step: int, lo: int, hi: int) -> None:
+        """``flat[lo:hi]`` of the buffer given to :meth:`begin` is written and will not change."""
+        if self.plan.balanced is not None:
+            self._events.put(LocalFilled(step, lo, hi))
+
+    def finish(self, step: int) -> torch.Tensor:
+        """The whole buffer given to :meth:`begin` is written: wait for the sum and return it (in the buffer)."""
+        begun, self._begun = self._begun, None
+        if begun is None or begun[0] != step:
+            raise ValueError(f"finish(step={step}) without begin(step={step}, flat)")
+        flat = begun[1]
+        if self.plan.balanced is None:
+            return self.reduce(step, flat, in_place=True)
+        self._events.put(LocalFilled(step))
+        out = self.result(step)
+        if out.data_ptr() != flat.data_ptr():  # reduced without us, in a buffer of the protocol's
+            flat.copy_(out)
+        return flat
+
+    def _check_step(self, step: int, what: str) -> None:
+        if step != self.next_step:
+            raise ValueError(f"{what}(step={step}) out of order: the next step to apply is {self.next_step}")
+        if self._begun is not None:
+            raise ValueError(f"{what}(step={step}) while step {self._begun[0]} is begun; finish it first")
 
     def result(self, step: int, timeout: float | None = None) -> torch.Tensor:
         """Block until ``step`` is reduced and return its (flat, CPU) result; consumes it."""
@@ -258,7 +301,9 @@ class CodedReducer:
                 if self._board.error is not None:
                     continue  # failed: drain events until closed
                 if isinstance(event, LocalReady):
-                    protocol.on_local(event.step, event.flat, event.when, event.in_place)
+                    protocol.on_local(event.step, event.flat, event.when, event.in_place, event.partial)
+                elif isinstance(event, LocalFilled):
+                    protocol.on_filled(event.step, event.lo, event.hi)
                 elif isinstance(event, FrameArrived):
                     self._on_frame(event.src, event.header, event.payload)
                 elif isinstance(event, ControlValue):
@@ -278,6 +323,7 @@ class CodedReducer:
             finally:
                 if isinstance(event, FrameArrived) and event.done is not None:
                     event.done()
+                event = None  # its tensors belong to a step: do not keep them while waiting for the next event
 
     def _on_frame(self, src: int, header: Header, payload: torch.Tensor | None) -> None:
         protocol = self._protocol

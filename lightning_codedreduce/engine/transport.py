@@ -137,6 +137,7 @@ class Link:
                 self._send(header.encode(self.fingerprint))
                 if payload is not None:
                     self._send(payload)
+                    payload = None  # a chunk is a view of its step's whole buffer: keep nothing while idle
             except Exception as err:  # peer died or link broke: report, stop using the link
                 if not self.closed.is_set():
                     self.events.put(PeerDead(self.peer, self._why(err, "send failed: ")))
@@ -158,7 +159,7 @@ class Link:
             try:
                 raw = self._receive(HEADER_LEN, torch.int64)
                 header = decode_header(raw, self.fingerprint, self.peer)
-                payload = None
+                payload = into = None
                 if header.numel:
                     into = self.landing(header) if self.landing is not None and self.device is None else None
                     payload = self._receive(header.numel, header.dtype, into)
@@ -172,6 +173,7 @@ class Link:
                 self._abort()
                 return
             self.events.put(FrameArrived(self.peer, header, payload, None if self._credit is None else self._credit.release))
+            payload = into = None  # views of a step's result: do not keep them while waiting for the next frame
             if header.kind == Kind.BYE:
                 return
 

@@ -33,7 +33,8 @@ class TreeProtocol(Protocol):
         self.msgs: dict[int, dict[int, torch.Tensor]] = collections.defaultdict(dict)
         self.reported_up: set[int] = set()  # deaths already reported to the parent
 
-    def on_local(self, step: int, flat: torch.Tensor, when: float, in_place: bool = False) -> None:
+    def on_local(self, step: int, flat: torch.Tensor, when: float, in_place: bool = False,
+                 partial: bool = False) -> None:  # (partial: never; the reducer hands the tree the whole gradient)
         if step < self.decode_step:
             return  # this step was reduced without us: nothing to do
         self.local[step] = flat

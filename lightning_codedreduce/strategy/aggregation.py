@@ -202,9 +202,13 @@ class GradientAggregator:
         self._held.drop()
         self._clock.new_batch(self._loader.first_of_step(accumulate))
 
-    def after_backward(self) -> None:
-        """After Lightning's backward of a micro-batch: the earlier pieces' gradients go back into ``.grad``."""
+    def before_backward(self) -> None:
+        """After Lightning's ``zero_grad``, before its backward of a micro-batch: the earlier pieces' gradients
+        go back into ``.grad``, so backward accumulates into them (no second copy of the gradient)."""
         self._held.add_back()
+
+    def after_backward(self) -> None:
+        """After Lightning's backward of a micro-batch: its compute time is noted."""
         if not self._in_closure:
             self._clock.micro_batch_ends()
 

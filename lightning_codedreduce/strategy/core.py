@@ -280,6 +280,7 @@ def _define(ddp: type, namespace: str) -> type:
 
         @override
         def backward(self, closure_loss, optimizer, *args: Any, **kwargs: Any):
+            self._aggregator.before_backward()
             out = super().backward(closure_loss, optimizer, *args, **kwargs)
             self._aggregator.after_backward()
             return out

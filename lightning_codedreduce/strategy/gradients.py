@@ -12,7 +12,7 @@ _REDUCIBLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 class HeldGradients:
     """The gradients of a micro-batch's earlier pieces, held while Lightning zeroes ``.grad`` (its closure
-    runs ``training_step``, then ``zero_grad``, then ``backward``) and added back after its backward."""
+    runs ``training_step``, then ``zero_grad``, then ``backward``) and put back before its backward, which then accumulates into them."""
 
     def __init__(self) -> None:
         self._held: list[tuple[torch.nn.Parameter, Optional[torch.Tensor]]] = []  # (parameter, its held gradient)
