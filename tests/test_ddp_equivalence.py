@@ -102,7 +102,7 @@ JITTER = random.SystemRandom()  # straggler delays at random, outside every seed
 
 
 def fit(pl, out: Path, name: str, strategy: str, *, shuffle=True, drop_last=False, accumulate=1, epochs=2,
-        callbacks=(), deterministic=False, batch_size=BATCH, checkpoint_every_step=True, layout=None,
+        callbacks=(), deterministic=False, batch_size=BATCH, checkpoint_every_step=True, options=None,
         **module_kw) -> dict:
     pl.seed_everything(0, workers=True)
     model = make_module(pl, **module_kw)
@@ -112,11 +112,11 @@ def fit(pl, out: Path, name: str, strategy: str, *, shuffle=True, drop_last=Fals
                                               every_n_train_steps=1 if checkpoint_every_step else None)
     if strategy == "ddp" and (module_kw.get("unused") or module_kw.get("batchnorm")):
         strategy = "ddp_find_unused_parameters_true"  # what DDP needs for parameters backward does not reach
-    if layout is not None:  # the strategy with options (default: the string, as a user writes it)
+    if options is not None:  # the strategy with options (default: the string, as a user writes it)
         from lightning_codedreduce.strategy import strategy_class
         from lit_common import NAMESPACE
 
-        strategy = strategy_class(NAMESPACE)(layout=layout)
+        strategy = strategy_class(NAMESPACE)(**options)
     trainer = pl.Trainer(accelerator="cpu", devices=WORLD, strategy=strategy, max_epochs=epochs,
                          accumulate_grad_batches=accumulate, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, deterministic=deterministic,
@@ -130,6 +130,7 @@ def fit(pl, out: Path, name: str, strategy: str, *, shuffle=True, drop_last=Fals
             "train_loss": float(trainer.callback_metrics.get("train_loss", float("nan"))),
             "seen": model.seen, "mismatched": model.mismatched,
             "skipped": sum(r["skipped"] for r in getattr(trainer.strategy, "step_records", [])),
+            "early_buckets": sum(r.get("early_buckets", 0) for r in getattr(trainer.strategy, "step_records", [])),
             "steps_per_epoch": trainer.num_training_batches,
             "layout": getattr(getattr(trainer.strategy, "plan", None), "layout", None)}
 
@@ -144,9 +145,13 @@ def scenario(pl, out: Path, name: str) -> dict:
         return both(pl, out, name, shuffle=sh == "sh1", drop_last=dl == "dl1", accumulate=int(acc[3:]))
     if name == "straggler":  # one rank sleeps at random steps (codedreduce only: DDP would just wait)
         return {"ddp": fit(pl, out, name, "ddp"), "codedreduce": fit(pl, out, name, "codedreduce", delay=(1, 0.5, 0.3))}
-    if name == "balanced":  # the balanced layout (chunk owners), a random straggler, rank 0 included
-        return {"ddp": fit(pl, out, name, "ddp"),
-                "codedreduce": fit(pl, out, name, "codedreduce", delay=(0, 0.5, 0.3), layout="balanced")}
+    if name == "balanced":
+        # the balanced layout (chunk owners) with a random straggler, rank 0 included; one bucket per parameter
+        # (each handed in by its gradient hook in the stepping backward), accumulation, an unused parameter
+        kw = dict(accumulate=2, unused=True, weight_decay=0.01)
+        return {"ddp": fit(pl, out, name, "ddp", **kw),
+                "codedreduce": fit(pl, out, name, "codedreduce", delay=(0, 0.5, 0.3), **kw,
+                                   options=dict(layout="balanced", bucket_cap_mb=1e-6))}
     if name == "stall_whole_epoch":
         return {"ddp": fit(pl, out, name, "ddp", checkpoint_every_step=False),
                 "codedreduce": fit(pl, out, name, "codedreduce", stall=(WORLD - 1, 1, 6.0), checkpoint_every_step=False)}
@@ -301,6 +306,7 @@ def test_deterministic_runs_are_bitwise_identical(job, world):
 def test_balanced_layout_with_a_straggling_rank_0_is_ddps_run(job, world):
     res = _result(job(world), "balanced")
     assert res["codedreduce"]["layout"] == "balanced"
+    assert res["codedreduce"]["early_buckets"] > 0  # buckets were handed in by the hooks, while backward ran
     _same_run(res)
 
 

@@ -117,6 +117,9 @@ def test_registration_and_arguments():
         CodedReduceStrategy(global_batch_size=0)
     with pytest.raises(ValueError, match="never wraps the model in DDP"):
         CodedReduceStrategy(ddp_comm_hook=lambda *a: None)
+    for bad in (-1, float("nan"), "25", True):
+        with pytest.raises(ValueError, match="bucket_cap_mb must be a number of MiB >= 0"):
+            CodedReduceStrategy(bucket_cap_mb=bad)
     with pytest.warns(UserWarning, match="ignores the DistributedDataParallel options"):
         CodedReduceStrategy(find_unused_parameters=True)
 

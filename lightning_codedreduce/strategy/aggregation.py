@@ -10,8 +10,10 @@ Call order in one optimizer step (automatic optimization, ``accumulate_grad_batc
    Lightning's ``backward`` finishes the micro-batch. Each piece's loss is weighted
    ``code weight * len(piece) / B_t`` (``B_t``: the step's global batch), so ``.grad`` holds this rank's
    share of the global-batch mean;
-3. ``optimizer_step`` wraps the closure: after the last micro-batch's backward the flat gradient (and one
-   "backward reached it" flag per parameter) is reduced over the tree and written back into ``.grad``
+3. ``optimizer_step`` wraps the closure: the last micro-batch's backward writes the flat gradient (and one
+   "backward reached it" flag per parameter) from gradient hooks, and in the balanced layout hands it to
+   the reducer bucket by bucket while backward goes on (:class:`~.gradients.GradientStream`); the tree
+   takes it whole after backward. The sum is written back into ``.grad``
    (a parameter backward reached on no contributing rank keeps its ``.grad`` as it was, as under DDP), before
    clipping, ``on_before_optimizer_step`` and the update. A rank that lags finds the step already reduced
    and applies it without computing (catch-up).
@@ -30,7 +32,8 @@ import torch
 
 from ._common import FitContext
 from .data import TrainLoader
-from .gradients import HeldGradients, TouchedParameters, flat_gradient, grad_params, write_gradients
+from .gradients import (GradientStream, HeldGradients, TouchedParameters, flat_gradient, grad_params, message_dtype,
+                        write_gradients)
 from .internals import LightningInternals
 
 
@@ -81,11 +84,14 @@ class GradientAggregator:
     Lightning's. ``step_fn``/``closure`` arguments are ``DDPStrategy``'s own ``training_step`` and closure.
     """
 
-    def __init__(self, loader: TrainLoader, internals: LightningInternals) -> None:
+    def __init__(self, loader: TrainLoader, internals: LightningInternals, bucket_bytes: int) -> None:
         self._loader = loader
         self._lightning = internals
         self._fit: Optional[FitContext] = None
         self._touched = TouchedParameters()  # which parameters backward reached in this step (None grads as DDP)
+        self._stream = GradientStream(bucket_bytes)  # the stepping backward's gradients, handed in as they come
+        self._touched.on_gradient = self._stream.on_gradient
+        self._closure_params: list[torch.nn.Parameter] = []  # the stepping optimizer's, while its closure runs
         self._held = HeldGradients()  # a micro-batch's earlier pieces' gradients across Lightning's zero_grad
         self._clock = ComputeClock()
         self._counting = True  # False while a piece whose samples another rank counts runs (counts_samples)
@@ -93,7 +99,8 @@ class GradientAggregator:
         self._log_only = False  # the closure of a skipped step runs training_step forward-only, to log
         self._in_closure = False
         self._closure_calls = 0
-        self.step_records: list[dict[str, Any]] = []  # {"step", "compute_s", "skipped"} per optimizer step
+        # per optimizer step: {"step", "compute_s", "skipped", "early_buckets" (handed in while backward ran)}
+        self.step_records: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ life cycle
     def start(self, fit: FitContext) -> None:
@@ -103,6 +110,7 @@ class GradientAggregator:
 
     def stop(self) -> None:
         self._touched.detach()
+        self._stream.cancel()
         self._fit = None
 
     @property
@@ -204,8 +212,19 @@ class GradientAggregator:
 
     def before_backward(self) -> None:
         """After Lightning's ``zero_grad``, before its backward of a micro-batch: the earlier pieces' gradients
-        go back into ``.grad``, so backward accumulates into them (no second copy of the gradient)."""
+        go back into ``.grad``, so backward accumulates into them (no second copy of the gradient). Before
+        the step's last backward, the gradient stream starts (when the layout can take it in buckets)."""
         self._held.add_back()
+        fit = self._fit
+        if self._in_closure and fit is not None and self._streams(fit):
+            self._stream.start(fit.reducer, self._loader.reduce_step, self._closure_params,
+                               message_dtype(self._closure_params))
+
+    def _streams(self, fit: FitContext) -> bool:
+        """Whether this step's gradient is handed in while backward runs (balanced layout, CPU, automatic)."""
+        return (self._stream.bucket_bytes > 0 and fit.reducer.plan.balanced is not None and not self._stream.active
+                and fit.module.automatic_optimization and fit.device.type == "cpu" and bool(self._closure_params)
+                and not self._lightning.skips_backward(fit.trainer))
 
     def after_backward(self) -> None:
         """After Lightning's backward of a micro-batch: its compute time is noted."""
@@ -237,21 +256,30 @@ class GradientAggregator:
             compute = None
         else:
             t0 = time.perf_counter()
-            self._in_closure = True
+            self._in_closure, self._closure_params = True, params
             try:
                 out = closure()
+            except BaseException:
+                self._stream.cancel()
+                raise
             finally:
-                self._in_closure = False
+                self._in_closure, self._closure_params = False, []
             compute = self._clock.step_compute(t0, time.perf_counter(), automatic)
-            local = self._local_gradient(fit, params)  # a private copy: the balanced layout assembles the sum in it
-            # (the tree accumulates in a copy of its own either way: in place would only add a copy back)
-            in_place = fit.reducer.plan.balanced is not None and local.device.type == "cpu"
-            flat = fit.reducer.reduce(step, local, in_place=in_place)
+            buckets = 0
+            if self._stream.active:  # its buckets are on their way already
+                flat = self._stream.finish(self._touched)
+                buckets = self._stream.early_buckets
+            else:
+                local = self._local_gradient(fit, params)  # a private copy: the balanced layout assembles the sum in it
+                # (the tree accumulates in a copy of its own either way: in place would only add a copy back)
+                in_place = fit.reducer.plan.balanced is not None and local.device.type == "cpu"
+                flat = fit.reducer.reduce(step, local, in_place=in_place)
         self._touched.reset()
         write_gradients(params, flat)
         self._clock.step_done()
         self._loader.step_reduced()
-        self.step_records.append({"step": step, "compute_s": compute, "skipped": bool(skipped)})
+        self.step_records.append({"step": step, "compute_s": compute, "skipped": bool(skipped),
+                                  "early_buckets": 0 if skipped else buckets})
         return out
 
     def _skip_closure(self, fit: FitContext, closure: Callable[[], Any]) -> Any:
@@ -314,3 +342,4 @@ def split_batch(batch: Any, start: int, stop: int, size: int) -> Any:
             f"is {size} (got {type(batch).__name__}); return batches of per-sample tensors or lists from the "
             f"DataLoader (first dimension: the sample)")
     return out
+

@@ -50,6 +50,12 @@ def check_layout(layout: str, chunk_bytes: int) -> None:
     check_int("chunk_bytes", chunk_bytes, 1024, "use e.g. 1 MiB (1 << 20)")
 
 
+def check_bucket_cap(bucket_cap_mb: float) -> None:
+    if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) or not 0 <= bucket_cap_mb < float("inf"):
+        raise ValueError(f"bucket_cap_mb must be a number of MiB >= 0 (DDP's default is 25; 0 hands the whole "
+                         f"gradient in after backward), got {bucket_cap_mb!r}")
+
+
 def message_bytes(module: Optional[torch.nn.Module]) -> Optional[int]:
     """Bytes of the message reduced every step: the trainable parameters' gradients in float32 (see
     ``gradients.flat_gradient``), which ``layout="auto"`` decides by."""

@@ -67,9 +67,11 @@ def _define(ddp: type, namespace: str) -> type:
                      global_batch_size: "int | str | None" = None, timeout: float = 30.0,
                      process_group_backend: Optional[str] = None, seed: int = 0, *,
                      process_group_timeout: Optional[timedelta] = None, transport: str = "gloo",
-                     layout: str = "auto", chunk_bytes: int = DEFAULT_CHUNK_BYTES, **ddp_kwargs: Any) -> None:
+                     layout: str = "auto", chunk_bytes: int = DEFAULT_CHUNK_BYTES, bucket_cap_mb: float = 25.0,
+                     **ddp_kwargs: Any) -> None:
             checks.check_options(branching, stragglers, code, global_batch_size, timeout, seed, transport)
             checks.check_layout(layout, chunk_bytes)
+            checks.check_bucket_cap(bucket_cap_mb)
             base = checks.ddp_base_options(ddp_kwargs, process_group_timeout)
             if base.get("cluster_environment") is None and is_horovodrun():
                 # horovodrun sets only HOROVOD_* variables, which Lightning does not read
@@ -86,7 +88,7 @@ def _define(ddp: type, namespace: str) -> type:
             self._lightning = LightningInternals(namespace)  # every Lightning internal goes through it
             self._collectives = LightningCollectives(self._warn)
             self._loader = TrainLoader(batch_option, self._warn, self._lightning.user_sampler_name)
-            self._aggregator = GradientAggregator(self._loader, self._lightning)
+            self._aggregator = GradientAggregator(self._loader, self._lightning, int(bucket_cap_mb * 2**20))
 
         @classmethod
         @override
@@ -111,7 +113,7 @@ def _define(ddp: type, namespace: str) -> type:
 
         @property
         def step_records(self) -> list[dict[str, Any]]:
-            """One ``{"step", "compute_s", "skipped"}`` per optimizer step (``StragglerMonitor`` reads them)."""
+            """One ``{"step", "compute_s", "skipped", "early_buckets"}`` per optimizer step (``StragglerMonitor`` reads them)."""
             return self._aggregator.step_records
 
         @property
@@ -352,9 +354,14 @@ _CLASS_DOC = """Data-parallel training with CodedReduce instead of DDP's all-red
             tolerated, rank 0 included, but no dead one) or ``"auto"`` (default: balanced for gradients of
             2 MiB and more, and where ``Trainer(deterministic=True)`` meets a tree that cannot be reproducible).
         chunk_bytes: chunk size of the balanced layout.
+        bucket_cap_mb: as DDP's: in the balanced layout the gradient is handed to the reduce in buckets of
+            about this many MiB (from the last parameters, which backward reaches first) as soon as backward
+            has produced each one, so communication overlaps the rest of backward. ``0``: the whole
+            gradient after backward. The tree always takes it whole.
 
     After set-up: ``plan`` (the :class:`CodedReducePlan`), ``reducer``, ``sampler``,
-    ``global_batch_size`` and ``step_records`` (one ``{"step", "compute_s", "skipped"}`` per optimizer step).
+    ``global_batch_size`` and ``step_records`` (one ``{"step", "compute_s", "skipped", "early_buckets"}`` per
+    optimizer step; ``early_buckets``: buckets handed to the reduce while backward ran).
     ``training_step`` must return the *mean* loss over its batch.
     """
 

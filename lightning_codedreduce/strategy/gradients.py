@@ -2,10 +2,11 @@
 Lightning's ``zero_grad``, and the flat message (gradients, then one flag per parameter) the tree sums."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
+FIRST_BUCKET_BYTES = 1 << 20  # DDP's first bucket: small, so that communication starts early in backward
 # gradient dtypes the reduce carries (half precision is reduced in float32)
 _REDUCIBLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -53,11 +54,17 @@ class TouchedParameters:
     def __init__(self) -> None:
         self._touched: set[int] = set()  # id() of the parameters reached by backward since reset()
         self._handles: list[Any] = []  # hook handles, removed by detach()
+        self.on_gradient: Optional[Callable[[torch.nn.Parameter], None]] = None  # called after each accumulation
 
     def attach(self, params: list[torch.nn.Parameter]) -> None:
         self.detach()
         for p in params:
-            self._handles.append(p.register_post_accumulate_grad_hook(lambda t: self._touched.add(id(t))))
+            self._handles.append(p.register_post_accumulate_grad_hook(self._reached))
+
+    def _reached(self, p: torch.nn.Parameter) -> None:
+        self._touched.add(id(p))
+        if self.on_gradient is not None:
+            self.on_gradient(p)
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -110,6 +117,12 @@ def flat_gradient(params: list[torch.nn.Parameter], touched: TouchedParameters, 
     return torch.cat([flat, flags])
 
 
+def message_dtype(params: list[torch.nn.Parameter]) -> torch.dtype:
+    """The reduced message's dtype (as :func:`flat_gradient` makes it): float64 if any gradient
+    is, else float32 (half-precision gradients are reduced in float32)."""
+    return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+
+
 def write_gradients(params: list[torch.nn.Parameter], flat: torch.Tensor) -> None:
     """Write the reduced gradient back; a parameter whose flags summed to 0 (backward reached it on no
     contributing rank) keeps its ``.grad`` as it was, as under DDP."""
@@ -126,3 +139,100 @@ def write_gradients(params: list[torch.nn.Parameter], flat: torch.Tensor) -> Non
             p.grad = part.to(device=p.device, dtype=p.dtype).clone()
         else:
             p.grad.copy_(part)
+
+
+class GradientStream:
+    """The step's message written while the stepping backward produces it, and handed to the reducer in
+    buckets (``CodedReducer.begin`` / ``filled`` / ``finish``), so the balanced layout's chunks travel while
+    backward goes on, as DDP's buckets do.
+
+    Call order in one optimizer step: :meth:`start` before Lightning's last backward of the step (held
+    pieces' gradients are back in ``.grad`` by then, so each parameter's hook sees its final gradient);
+    :meth:`on_gradient` from the post-accumulate-grad hooks; :meth:`finish` after that backward. The
+    message is :func:`flat_gradient`'s, bit for bit: parameters in the optimizer's order, then the flags.
+    A bucket is the parameters (from the last, which backward reaches first) that add up to
+    ``bucket_bytes`` (the first one to 1 MiB, as DDP's, so communication starts early); it is handed in
+    when all of its gradients are written. Parameters backward did not
+    reach in that pass (unused ones, or ones only earlier pieces reached) are written at :meth:`finish`.
+    """
+
+    def __init__(self, bucket_bytes: int) -> None:
+        self.bucket_bytes = bucket_bytes
+        self._layout_key: Optional[tuple[int, ...]] = None  # id() of the parameters the layout below is for
+        self._offsets: dict[int, tuple[int, int, int]] = {}  # id(param) -> (start, stop, bucket)
+        self._buckets: list[tuple[int, int, int]] = []  # (start, stop, parameters in it)
+        self._params: list[torch.nn.Parameter] = []
+        self._reducer: Any = None  # the reducer the step was begun on (None: no step streaming)
+        self._step = -1
+        self._flat: Optional[torch.Tensor] = None
+        self._left: list[int] = []  # per bucket: parameters not written yet
+        self._written: set[int] = set()  # id() of parameters written this step
+        self.early_buckets = 0  # buckets of the current (or last) step handed in while backward ran
+
+    @property
+    def active(self) -> bool:
+        return self._reducer is not None
+
+    def _plan_buckets(self, params: list[torch.nn.Parameter]) -> None:
+        key = tuple(id(p) for p in params)
+        if key == self._layout_key:
+            return
+        starts, offset = [], 0
+        for p in params:
+            starts.append(offset)
+            offset += p.numel()
+        self._offsets, self._buckets, size, members = {}, [], 0, []
+        for i in reversed(range(len(params))):  # backward reaches the last parameters first
+            members.append(i)
+            size += 4 * params[i].numel()
+            cap = min(self.bucket_bytes, FIRST_BUCKET_BYTES) if not self._buckets else self.bucket_bytes
+            if size >= cap or i == 0:
+                lo, hi = starts[members[-1]], starts[members[0]] + params[members[0]].numel()
+                for j in members:
+                    self._offsets[id(params[j])] = (starts[j], starts[j] + params[j].numel(), len(self._buckets))
+                self._buckets.append((lo, hi, len(members)))
+                size, members = 0, []
+        self._layout_key, self._params = key, params
+
+    def start(self, reducer: Any, step: int, params: list[torch.nn.Parameter], dtype: torch.dtype) -> None:
+        self._plan_buckets(params)
+        total = sum(p.numel() for p in params)
+        self._flat = torch.empty(total + len(params), dtype=dtype)
+        self._left = [count for _, _, count in self._buckets]
+        self._written, self.early_buckets = set(), 0
+        reducer.begin(step, self._flat)
+        self._reducer, self._step = reducer, step
+
+    def on_gradient(self, p: torch.nn.Parameter) -> None:
+        """A parameter's gradient is final for this step: write it, hand in its bucket once complete."""
+        where = self._offsets.get(id(p)) if self._reducer is not None else None
+        if where is None or p.grad is None or id(p) in self._written:
+            return
+        lo, hi, bucket = where
+        self._flat[lo:hi].copy_(p.grad.detach().reshape(-1))
+        self._written.add(id(p))
+        self._left[bucket] -= 1
+        if self._left[bucket] == 0:
+            start, stop, _ = self._buckets[bucket]
+            self._reducer.filled(self._step, start, stop)
+            self.early_buckets += 1
+
+    def finish(self, touched: "TouchedParameters") -> torch.Tensor:
+        """Write what backward did not reach in the streamed pass, and the flags; wait for the sum."""
+        flat, n = self._flat, len(self._params)
+        for i, p in enumerate(self._params):
+            lo, hi, _ = self._offsets[id(p)]
+            reached = touched.touched(p) and p.grad is not None
+            if id(p) not in self._written:
+                if reached:
+                    flat[lo:hi].copy_(p.grad.detach().reshape(-1))
+                else:
+                    flat[lo:hi].zero_()
+            flat[flat.numel() - n + i] = 1.0 if reached else 0.0
+        reducer, step = self._reducer, self._step
+        self.cancel()
+        return reducer.finish(step)
+
+    def cancel(self) -> None:
+        """Forget the step (after :meth:`finish`, or when its backward never came)."""
+        self._reducer, self._flat, self._written = None, None, set()
