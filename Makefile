@@ -18,7 +18,7 @@ $(STAMP): requirements.lock pyproject.toml
 
 # the Horovod baseline's tests need the Horovod wheel: built once (~10 min on 2 cores) and cached outside the clone
 test: venv horovod lightning-side
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 demo: venv
 	$(BIN)/python examples/demo.py

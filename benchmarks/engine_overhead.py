@@ -3,7 +3,8 @@
     python benchmarks/engine_overhead.py [--worlds 4 7] [--sizes 1000000 25000000] [--reps 5]
 
 No stragglers, loopback gloo. Prints the ratio of the CodedReducer's time per step (s=0: uncoded
-tree; s=1: coded) to all_reduce's, and writes ``runs/bench/engine_overhead.json``.
+tree; s=1: coded tree; balanced: the balanced layout, s=1, in place) to all_reduce's, and writes
+``runs/bench/engine_overhead.json``.
 """
 from __future__ import annotations
 
@@ -41,21 +42,26 @@ def _worker(rank: int, world: int, port: int, sizes: list[int], reps: int, branc
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     reducers = {s: CodedReducer(CodedReducePlan(world, branching, s), tag=TAG + s) for s in (0, 1)}
-    steps = {0: 0, 1: 0}
+    reducers["b"] = CodedReducer(CodedReducePlan(world, stragglers=1, layout="balanced"), tag=TAG + 2)
+    steps = {0: 0, 1: 0, "b": 0}
     rows = []
     for numel in sizes:
         grad = torch.randn(numel)
 
         def coded(s):
-            reducers[s].reduce(steps[s], grad)
+            if s == "b":
+                reducers[s].reduce(steps[s], grad.clone(), in_place=True)
+            else:
+                reducers[s].reduce(steps[s], grad)
             steps[s] += 1
 
-        for fn in (lambda: dist.all_reduce(grad.clone()), lambda: coded(0), lambda: coded(1)):
+        for fn in (lambda: dist.all_reduce(grad.clone()), lambda: coded(0), lambda: coded(1), lambda: coded("b")):
             fn()  # warm-up
         row = {"world": world, "numel": numel,
                "all_reduce_s": _timed(lambda: dist.all_reduce(grad.clone()), reps),
                "coded_s0_s": _timed(lambda: coded(0), reps),
-               "coded_s1_s": _timed(lambda: coded(1), reps)}
+               "coded_s1_s": _timed(lambda: coded(1), reps),
+               "balanced_s": _timed(lambda: coded("b"), reps)}
         rows.append(row)
     for r in reducers.values():
         r.close()
@@ -82,8 +88,8 @@ def main() -> None:
                PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     tmp = tempfile.TemporaryDirectory(prefix="codedreduce-overhead-")
     results = []
-    print(f"{'W':>3} {'floats':>11} {'all_reduce':>11} {'coded s=0':>10} {'coded s=1':>10} "
-          f"{'s=0 ratio':>9} {'s=1 ratio':>9} {'R(s=1)':>7}")
+    print(f"{'W':>3} {'floats':>11} {'all_reduce':>11} {'coded s=0':>10} {'coded s=1':>10} {'balanced':>10} "
+          f"{'s=0 ratio':>9} {'s=1 ratio':>9} {'bal ratio':>9} {'R(s=1)':>7} {'R(bal)':>7}")
     for world in a.worlds:
         rows_path, port = Path(tmp.name) / f"W{world}.json", free_port()
         cmd = [sys.executable, str(Path(__file__).resolve()), "--sizes", *map(str, a.sizes), "--reps", str(a.reps),
@@ -95,13 +101,16 @@ def main() -> None:
             sys.exit(f"W={world}: ranks {res.failed} failed:\n{res.tails(res.failed)}")
         rows = json.loads(rows_path.read_text())
         redundancy = CodedReducePlan(world, a.branching, 1).redundancy
+        balanced_r = CodedReducePlan(world, stragglers=1, layout="balanced").redundancy
         for row in rows:
             row["ratio_s0"] = row["coded_s0_s"] / row["all_reduce_s"]
             row["ratio_s1"] = row["coded_s1_s"] / row["all_reduce_s"]
-            row["redundancy_s1"] = redundancy
+            row["ratio_balanced"] = row["balanced_s"] / row["all_reduce_s"]
+            row["redundancy_s1"], row["redundancy_balanced"] = redundancy, balanced_r
             results.append(row)
             print(f"{world:>3} {row['numel']:>11,} {row['all_reduce_s'] * 1e3:>9.1f}ms {row['coded_s0_s'] * 1e3:>8.1f}ms "
-                  f"{row['coded_s1_s'] * 1e3:>8.1f}ms {row['ratio_s0']:>9.2f} {row['ratio_s1']:>9.2f} {redundancy:>7.2f}",
+                  f"{row['coded_s1_s'] * 1e3:>8.1f}ms {row['balanced_s'] * 1e3:>8.1f}ms {row['ratio_s0']:>9.2f} "
+                  f"{row['ratio_s1']:>9.2f} {row['ratio_balanced']:>9.2f} {redundancy:>7.2f} {balanced_r:>7.2f}",
                   flush=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(results, indent=1))

@@ -36,15 +36,37 @@ def fake_trainer(rank=0, step=0, world=3, strategy=None, callbacks=(), log_dir=N
                            default_root_dir=log_dir)
 
 
-def one_step(inj, trainer, module=None, compute_s=0.0, after_s=0.0, backwards=1):
+class FakeClock:
+    """``time.monotonic`` that moves only when told: the injector's measurements are exact, whatever the load."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    fake = FakeClock()
+    monkeypatch.setattr(time, "monotonic", fake)
+    return fake
+
+
+def one_step(inj, trainer, module=None, compute_s=0.0, after_s=0.0, backwards=1, clock=None):
     """on_train_batch_start, `compute_s` of work, a real backward (if a module is given), `after_s` of
-    waiting that is not compute (DDP's all-reduce), on_after_backward -- `backwards` times."""
+    waiting that is not compute (DDP's all-reduce), on_after_backward -- `backwards` times. With a
+    ``FakeClock`` the work and the wait advance it instead of sleeping."""
+    wait = time.sleep if clock is None else clock.advance
     inj.on_train_batch_start(trainer, module, None, 0)
     for _ in range(backwards):
-        time.sleep(compute_s)
+        wait(compute_s)
         if module is not None:
             module(torch.ones(2, 3)).sum().backward()
-        time.sleep(after_s)
+        wait(after_s)
         inj.on_after_backward(trainer, module)
 
 
@@ -60,16 +82,15 @@ def test_fixed_delays_sleep_once_per_step_on_the_chosen_rank_only():
     assert [inj.delay(r, 7) for r in range(3)] == [0.0, 0.25, 0.0]
 
 
-def test_paper_model_sleeps_factor_minus_one_times_the_measured_compute():
+def test_paper_model_sleeps_factor_minus_one_times_the_measured_compute(clock):
     sleeps = Sleeps()
     inj = StragglerInjector.paper(ranks=[2], factor=3.0, sleep=sleeps)
     module = torch.nn.Linear(3, 1)
     inj.on_train_start(fake_trainer(rank=2), module)
     # 50 ms of compute, then 150 ms that are not compute (e.g. DDP's all-reduce inside the backward)
-    one_step(inj, fake_trainer(rank=2, step=0), module, compute_s=0.05, after_s=0.15)
-    one_step(inj, fake_trainer(rank=1, step=0), module, compute_s=0.05)
-    assert len(sleeps.calls) == 1
-    assert 2 * 0.05 <= sleeps.calls[0] < 2 * 0.05 + 0.08, sleeps.calls  # the 150 ms wait is not counted
+    one_step(inj, fake_trainer(rank=2, step=0), module, compute_s=0.05, after_s=0.15, clock=clock)
+    one_step(inj, fake_trainer(rank=1, step=0), module, compute_s=0.05, clock=clock)
+    assert sleeps.calls == [pytest.approx(2 * 0.05)]  # the 150 ms wait is not counted
     # a backward that computes no parameter gradient (a step skipped while catching up) does not sleep
     inj.on_train_batch_start(fake_trainer(rank=2, step=1), module, None, 0)
     torch.zeros((), requires_grad=True).backward()
@@ -79,11 +100,11 @@ def test_paper_model_sleeps_factor_minus_one_times_the_measured_compute():
     assert inj.delay(2, 5, measured_s=0.1) == pytest.approx(0.2) and inj.delay(0, 5, measured_s=0.1) == 0.0
 
 
-def test_paper_model_without_parameter_hooks_times_to_on_after_backward():
+def test_paper_model_without_parameter_hooks_times_to_on_after_backward(clock):
     sleeps = Sleeps()
     inj = StragglerInjector.paper(ranks=[0], factor=2.0, sleep=sleeps)
-    one_step(inj, fake_trainer(rank=0), compute_s=0.04)
-    assert 0.04 <= sleeps.calls[0] < 0.04 + 0.05
+    one_step(inj, fake_trainer(rank=0), compute_s=0.04, clock=clock)
+    assert sleeps.calls == [pytest.approx(0.04)]
 
 
 def test_random_model_is_reproducible_by_seed_and_follows_the_model():
