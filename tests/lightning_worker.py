@@ -209,12 +209,29 @@ def sc_accumulate(name):
     trainer(name, max_steps=4, accumulate_grad_batches=2).fit(Net(lr=0.1), loader())
 
 
-def sc_clip(name):
-    trainer(name, max_steps=5, gradient_clip_val=0.05).fit(Net(lr=0.1, momentum=0.9), loader())
+def streamed():
+    """The balanced layout with one bucket per parameter: every gradient handed in from its hook in backward."""
+    return CodedReduceStrategy(layout="balanced", bucket_cap_mb=1e-6)
 
 
-def sc_bf16(name):
-    trainer(name, max_steps=5, precision="bf16-mixed").fit(Net(lr=0.1), loader())
+def sc_clip(name, strategy=None):
+    trainer(name, strategy=strategy, max_steps=5, gradient_clip_val=0.05).fit(Net(lr=0.1, momentum=0.9), loader())
+
+
+def sc_clip_streamed(name):
+    sc_clip(name, streamed())
+
+
+def sc_bf16(name, strategy=None):
+    trainer(name, strategy=strategy, max_steps=5, precision="bf16-mixed").fit(Net(lr=0.1), loader())
+
+
+def sc_bf16_streamed(name):
+    sc_bf16(name, streamed())
+
+
+def sc_accumulate_streamed(name):
+    trainer(name, strategy=streamed(), max_steps=4, accumulate_grad_batches=2).fit(Net(lr=0.1), loader())
 
 
 def sc_manual(name):

@@ -24,7 +24,7 @@ WORKER = "lightning_worker.py"
 RTOL, ATOL = 1e-5, 1e-6
 
 TWO_RANK_SCENARIOS = [
-    "equiv", "delay", "accumulate", "clip", "bf16", "manual", "sched", "val", "max_epochs", "fit_twice", "fit_same_trainer",
+    "equiv", "delay", "accumulate", "clip", "bf16", "accumulate_streamed", "clip_streamed", "bf16_streamed", "manual", "sched", "val", "max_epochs", "fit_twice", "fit_same_trainer",
     "sync_warn", "buffers", "resume", "bad_iterable", "bad_batch_sampler", "bad_small_batch", "bad_devices", "crash",
 ]
 
@@ -205,26 +205,38 @@ def test_equivalence_two_ranks_delayed(two_ranks):
     assert min(r["compute_s"] for r in res[1]["records"] if r["compute_s"] is not None) >= 0.1
 
 
-def test_gradient_accumulation(two_ranks):
-    res = _load(two_ranks[1], "accumulate", 2)
+def _streamed(res, name):
+    """``*_streamed``: the balanced layout took every step's gradient bucket by bucket during backward."""
+    if name.endswith("_streamed"):
+        assert all(r["early_buckets"] > 0 for rank in res for r in rank["records"] if not r["skipped"])
+
+
+@pytest.mark.parametrize("name", ["accumulate", "accumulate_streamed"])
+def test_gradient_accumulation(two_ranks, name):
+    res = _load(two_ranks[1], name, 2)
     _assert_identical(res)
     # 5 batches per epoch, accumulate 2: steps [0,1] [2,3] [4] | [0,1] -> 4 optimizer steps, 7 batches
     assert res[0]["global_step"] == 4 and len(res[0]["batches"]) == 7 and len(res[0]["records"]) == 4
     _assert_reference(res, lr=0.1, accumulate=2)
+    _streamed(res, name)
 
 
-def test_gradient_clipping(two_ranks):
-    res = _load(two_ranks[1], "clip", 2)
+@pytest.mark.parametrize("name", ["clip", "clip_streamed"])
+def test_gradient_clipping(two_ranks, name):
+    res = _load(two_ranks[1], name, 2)
     _assert_identical(res)
     ref = _assert_reference(res, lr=0.1, momentum=0.9, clip=0.05)
     unclipped = reference_train(res[0]["init"], _steps(res[0]["batches"]), lr=0.1, momentum=0.9)
     assert (unclipped - ref).abs().max() > 1e-2  # the clip was active
+    _streamed(res, name)
 
 
-def test_bf16_mixed_precision(two_ranks):
-    res = _load(two_ranks[1], "bf16", 2)
+@pytest.mark.parametrize("name", ["bf16", "bf16_streamed"])
+def test_bf16_mixed_precision(two_ranks, name):
+    res = _load(two_ranks[1], name, 2)
     _assert_identical(res)
     _assert_reference(res, lr=0.1, bf16=True, rtol=1e-2, atol=2e-3)
+    _streamed(res, name)
 
 
 def test_manual_optimization(two_ranks):
