@@ -135,6 +135,11 @@ def fit(pl, out: Path, name: str, strategy: str, *, shuffle=True, drop_last=Fals
             "layout": getattr(getattr(trainer.strategy, "plan", None), "layout", None)}
 
 
+def slow_rank_speeds(slow: int) -> list[float]:
+    """Relative speeds with ``slow`` at half speed (when it exists)."""
+    return [0.5 if r == slow else 1.0 for r in range(WORLD)]
+
+
 def both(pl, out, name, **kw) -> dict:
     return {s: fit(pl, out, name, s, **kw) for s in ("ddp", "codedreduce")}
 
@@ -143,15 +148,17 @@ def scenario(pl, out: Path, name: str) -> dict:
     if name.startswith("grid_"):
         sh, dl, acc = name.split("_")[1:]
         return both(pl, out, name, shuffle=sh == "sh1", drop_last=dl == "dl1", accumulate=int(acc[3:]))
-    if name == "straggler":  # one rank sleeps at random steps (codedreduce only: DDP would just wait)
-        return {"ddp": fit(pl, out, name, "ddp"), "codedreduce": fit(pl, out, name, "codedreduce", delay=(1, 0.5, 0.3))}
+    if name == "straggler":  # one rank sleeps at random steps (codedreduce only: DDP would just wait); its share
+        # is sized by its speed (speeds=): every step's samples stay DDP's
+        return {"ddp": fit(pl, out, name, "ddp"), "codedreduce": fit(pl, out, name, "codedreduce", delay=(1, 0.5, 0.3),
+                                                                    options=dict(speeds=slow_rank_speeds(1)))}
     if name == "balanced":
         # the balanced layout (chunk owners) with a random straggler, rank 0 included; one bucket per parameter
         # (each handed in by its gradient hook in the stepping backward), accumulation, an unused parameter
         kw = dict(accumulate=2, unused=True, weight_decay=0.01)
         return {"ddp": fit(pl, out, name, "ddp", **kw),
                 "codedreduce": fit(pl, out, name, "codedreduce", delay=(0, 0.5, 0.3), **kw,
-                                   options=dict(layout="balanced", bucket_cap_mb=1e-6))}
+                                   options=dict(layout="balanced", bucket_cap_mb=1e-6, speeds=slow_rank_speeds(0)))}
     if name == "stall_whole_epoch":
         return {"ddp": fit(pl, out, name, "ddp", checkpoint_every_step=False),
                 "codedreduce": fit(pl, out, name, "codedreduce", stall=(WORLD - 1, 1, 6.0), checkpoint_every_step=False)}
@@ -304,10 +311,12 @@ def test_deterministic_runs_are_bitwise_identical(job, world):
 
 @pytest.mark.parametrize("world", (4, 7))
 def test_balanced_layout_with_a_straggling_rank_0_is_ddps_run(job, world):
-    res = _result(job(world), "balanced")
-    assert res["codedreduce"]["layout"] == "balanced"
-    assert res["codedreduce"]["early_buckets"] > 0  # buckets were handed in by the hooks, while backward ran
-    _same_run(res)
+    ranks = [_result(job(world), "balanced", r) for r in range(world)]
+    assert ranks[0]["codedreduce"]["layout"] == "balanced"
+    # buckets were handed in by the hooks while backward ran, on the ranks that computed: a straggling rank
+    # (rank 0 included) on a loaded machine may catch up through every step and compute none
+    assert sum(r["codedreduce"]["early_buckets"] for r in ranks) > 0
+    _same_run(ranks[0])
 
 
 if __name__ == "__main__":
