@@ -319,6 +319,10 @@ def sc_stragglers_differ(name):
     fit(Net(), loader(), strategy=CodedReduceStrategy(stragglers=0 if RANK == 2 else 1))
 
 
+def sc_speeds_wrong_length(name):
+    fit(Net(), loader(), strategy=CodedReduceStrategy(speeds=[1.0, 0.5, 1.0]))
+
+
 # ---------------------------------------------------------------- training loop
 def sc_sync_dist(name):
     model = Net(log_sync=True)

@@ -43,6 +43,8 @@ CONFIG_CASES = [
     (dict(global_batch_size=True), ValueError, r"global_batch_size must be a positive integer, None"),
     (dict(ddp_comm_hook=lambda *a: None), ValueError, r"ddp_comm_hook is a DistributedDataParallel option"),
     (dict(transport="mpi"), ValueError, r"unknown transport 'mpi'; choose one of 'gloo', 'nccl'"),
+    (dict(speeds="fast"), ValueError, r"speeds must be a list of relative speeds, one per rank.*e\.g\. speeds=\["),
+    (dict(speeds=[1, -1]), ValueError, r"speeds must be positive and finite, got -1\.0 for rank 1"),
 ]
 
 
@@ -50,7 +52,7 @@ CONFIG_CASES = [
     "branching_too_small", "branching_str", "branching_float", "stragglers_negative", "stragglers_bool",
     "stragglers_not_below_branching", "unknown_code", "seed_negative", "timeout_zero", "timeout_nan", "timeout_inf",
     "timeout_str", "global_batch_zero", "global_batch_float", "global_batch_bool", "ddp_comm_hook",
-    "unknown_transport"])
+    "unknown_transport", "speeds_str", "speeds_negative"])
 def test_bad_option(kwargs, exc, message):
     from lightning_codedreduce import CodedReduceStrategy
 
@@ -121,7 +123,7 @@ SCENARIOS = [
     "iterable", "batch_sampler", "empty", "smaller_than_batch", "drop_last_too_few", "weighted_sampler",
     "replacement", "length_differs", "global_batch_too_small", "chunk_without_tensors", "unused_parameters",
     "frozen_layers", "non_float_parameters", "float64", "complex_parameter", "lazy_parameters", "lazy_materialised",
-    "nan_gradient", "nan_gradient_skipped", "seed_differs", "stragglers_differ", "sync_dist", "manual_default",
+    "nan_gradient", "nan_gradient_skipped", "seed_differs", "stragglers_differ", "speeds_wrong_length", "sync_dist", "manual_default",
     "lbfgs",
 ]
 WORLD = 4
@@ -276,6 +278,11 @@ def test_seed_differs_on_one_rank(job):
 def test_stragglers_differ_on_one_rank(job):
     _expect(job, "stragglers_differ", "ValueError", "stragglers: rank 0 1, rank 1 1, rank 2 0, rank 3 1",
             "every rank must create CodedReduceStrategy with the same")
+
+
+def test_speeds_of_the_wrong_length(job):
+    _expect(job, "speeds_wrong_length", "ValueError", "speeds has 3 entries but there are 4 ranks",
+            "give one relative speed per rank")
 
 
 # -- training loop

@@ -324,3 +324,57 @@ def test_auto_layout_by_message_size_is_stated_in_describe():
     assert CodedReducePlan(7, layout="tree").fingerprint() != CodedReducePlan(7, layout="balanced").fingerprint()
     with pytest.raises(ValueError, match="unknown layout"):
         CodedReducePlan(7, layout="ring")
+
+
+# ---------------------------------------------------------------------------- speed-proportional loads
+speeds_for = st.lists(st.sampled_from([0.25, 0.5, 0.8, 1.0, 1.0, 1.0, 1.5, 3.0]), min_size=40, max_size=40)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(cfg=configs, speeds=speeds_for, extra=st.integers(0, 60), seed=st.integers(0, 2**16))
+@example(cfg=(7, 3, 1), speeds=[0.5] + [1.0] * 39, extra=0, seed=1)  # a slow root
+@example(cfg=(13, 3, 1), speeds=[1.0, 0.25] + [1.0] * 38, extra=3, seed=2)  # a slow internal node
+def test_speed_proportional_loads_stay_exact_and_finish_together(cfg, speeds, extra, seed):
+    w, n, s = cfg
+    speeds = speeds[:w]
+    plan = CodedReducePlan(w, n, s, speeds=speeds)
+    equal = CodedReducePlan(w, n, s)
+    assert [nd.children for nd in plan.nodes] == [nd.children for nd in equal.nodes]  # the same tree
+    # the busiest rank (in time: load / speed) is not later than with equal shares (a few percent where a block
+    # code's parts get a floor so that no child idles), and s=0 is exact
+    time, equal_time = plan.loads / np.array(speeds), equal.loads / np.array(speeds)
+    assert time.max() <= equal_time.max() * 1.03
+    if s == 0:
+        np.testing.assert_allclose(time, time.max(), rtol=1e-9)  # every rank finishes together
+        assert plan.redundancy == pytest.approx(1.0, abs=1e-12)
+    batch = plan.min_global_batch_size + extra
+    v = np.random.default_rng(seed).standard_normal((batch, 3))
+    ref, local, rng = v.sum(axis=0), local_sums(plan, batch, v), random.Random(seed)
+    for dead in [set(), *per_parent_patterns(plan, rng, 25)]:
+        assert check_pattern(plan, local, ref, dead, rng), f"dead={sorted(dead)} loses <= tolerance per parent"
+    assert plan.fingerprint() != equal.fingerprint() or len(set(speeds)) == 1
+
+
+@settings(max_examples=80, deadline=None)
+@given(world=st.integers(1, 30), s=st.integers(0, 2), speeds=speeds_for, batch=st.integers(1, 400))
+def test_balanced_speeds_size_groups_by_their_slowest_member(world, s, speeds, batch):
+    if world < s + 1:
+        return
+    speeds = speeds[:world]
+    plan = CodedReducePlan(world, s + 2, s, layout="balanced", speeds=speeds)
+    slowest = np.array([min(speeds[r] for r in g) for g in plan.balanced.groups])
+    np.testing.assert_allclose(plan.balanced.shares, slowest / slowest.sum(), rtol=1e-12)
+    alloc = plan.allocation(batch)
+    covered = [p for g in plan.balanced.groups for sh in alloc[g[0]] for p in range(sh.start, sh.stop)]
+    assert sorted(covered) == list(range(batch))  # each sample once over the groups
+    assert all(alloc[r] == alloc[g[0]] for g in plan.balanced.groups for r in g)  # replicas: the same samples
+    assert plan.tolerates(set()) and "of the batch" in plan.describe()
+
+
+@pytest.mark.parametrize("speeds,match", [([1, 1], "2 entries but there are 3 ranks"),
+                                          ([1, 0, 1], "positive and finite, got 0.0 for rank 1"),
+                                          ([1, float("nan"), 1], "positive and finite"),
+                                          ("fast", "sequence of numbers"), (3, "sequence of numbers")])
+def test_bad_speeds_say_how_to_fix(speeds, match):
+    with pytest.raises(ValueError, match=match):
+        CodedReducePlan(3, 2, 1, speeds=speeds)

@@ -51,6 +51,7 @@ class BalancedGroups:
 
     world_size: int
     stragglers: int
+    speeds: tuple[float, ...] | None = None  # relative compute speed per rank (None: all equal)
 
     @property
     def count(self) -> int:
@@ -63,6 +64,15 @@ class BalancedGroups:
     def groups(self) -> tuple[tuple[int, ...], ...]:
         """Members of each group; replicas are ``count`` ranks apart (on different hosts when ranks fill hosts in order)."""
         return tuple(tuple(range(g, self.world_size, self.count)) for g in range(self.count))
+
+    @property
+    def shares(self) -> tuple[float, ...]:
+        """Fraction of the global batch each group computes: proportional to its slowest member's speed,
+        so that the groups finish together (every member computes all of its group's samples)."""
+        if self.speeds is None:
+            return (1.0 / self.count,) * self.count
+        slowest = [min(self.speeds[r] for r in members) for members in self.groups]
+        return tuple(x / sum(slowest) for x in slowest)
 
     def tolerates(self, stragglers) -> bool:
         """Whether every group still has a member outside ``stragglers``."""

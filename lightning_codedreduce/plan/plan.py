@@ -47,6 +47,25 @@ def check_int(name: str, value: object, low: int, hint: str) -> int:
     return int(value)
 
 
+def check_speeds(speeds, world_size: int) -> tuple[float, ...] | None:
+    """``speeds`` as a tuple of ``world_size`` positive finite floats (or None), or a ``ValueError`` saying how to fix it."""
+    if speeds is None:
+        return None
+    try:
+        values = tuple(float(x) for x in speeds)
+    except (TypeError, ValueError):
+        raise ValueError(f"speeds must be a sequence of numbers, one per rank, got {speeds!r}; "
+                         "e.g. speeds=[1, 1, 0.5, 1] when rank 2 is twice as slow") from None
+    if len(values) != world_size:
+        raise ValueError(f"speeds has {len(values)} entries but there are {world_size} ranks; give one relative "
+                         "speed per rank (1 for a normal rank, 0.5 for one that takes twice as long)")
+    bad = [r for r, x in enumerate(values) if not (np.isfinite(x) and x > 0)]
+    if bad:
+        raise ValueError(f"speeds must be positive and finite, got {values[bad[0]]} for rank {bad[0]}; "
+                         "give every rank a relative speed > 0 (a rank that cannot compute must leave the job)")
+    return values
+
+
 def _take(segments: Segments, count: int) -> tuple[Segments, Segments]:
     """Split a segment list after ``count`` samples."""
     head: Segments = []
@@ -88,6 +107,11 @@ class CodedReducePlan:
             repetition over all ranks; see ``layout.py``) or ``"auto"`` (by ``gradient_bytes``).
         gradient_bytes: size of the message reduced every step (``layout="auto"`` decides by it).
         chunk_bytes: chunk size of the balanced layout.
+        speeds: relative compute speed of every rank (e.g. ``[1, 1, 0.5, 1]``: rank 2 takes twice as long
+            per sample), for hardware that is persistently slower. Every rank's share is sized so that
+            all finish together: in the tree a rank computes in proportion to its speed and a subtree
+            receives what its ranks can cover; in the balanced layout a group's share is proportional to
+            its slowest member's speed. Exactness and tolerance are unaffected; ``None``: all equal.
     """
 
     # defaults for subclasses that build their own tree (sim.MasterWorkerPlan): the tree layout
@@ -95,9 +119,11 @@ class CodedReducePlan:
     layout_reason = "layout='tree'"
     balanced: BalancedGroups | None = None
     chunk_bytes = DEFAULT_CHUNK_BYTES
+    speeds: tuple[float, ...] | None = None
 
     def __init__(self, world_size: int, branching: int = 3, stragglers: int = 1, code: str = "auto", seed: int = 0,
-                 layout: str = "tree", gradient_bytes: int | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+                 layout: str = "tree", gradient_bytes: int | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 speeds=None):
         self.world_size = check_int("world_size", world_size, 1, "use the number of training processes")
         self.branching = check_int("branching", branching, 2, "each parent needs at least 2 children, e.g. branching=3")
         self.stragglers = check_int("stragglers", stragglers, 0, "use 0 for an uncoded tree, 1 to tolerate one straggler per parent")
@@ -116,6 +142,7 @@ class CodedReducePlan:
         if gradient_bytes is not None:
             gradient_bytes = check_int("gradient_bytes", gradient_bytes, 0, "pass the gradient's size in bytes")
         self.chunk_bytes = check_int("chunk_bytes", chunk_bytes, 1024, "use e.g. 1 MiB (1 << 20)")
+        self.speeds = check_speeds(speeds, self.world_size)
         self.layout, self.layout_reason = (choose_layout(self.world_size, gradient_bytes) if layout == "auto"
                                            else (layout, f"layout={layout!r}"))
         self.balanced = None  # the balanced layout's groups (None for the tree)
@@ -123,13 +150,14 @@ class CodedReducePlan:
             if self.world_size < self.stragglers + 1:
                 raise ValueError(f"the balanced layout needs at least stragglers+1 = {self.stragglers + 1} ranks to "
                                  f"tolerate {self.stragglers} straggler(s), got world_size={self.world_size}")
-            self.balanced = BalancedGroups(self.world_size, self.stragglers)
+            self.balanced = BalancedGroups(self.world_size, self.stragglers, self.speeds)
             # the control collectives' tree: every rank under rank 0 (data travels on the chunk owners' links)
             self.nodes = [Node(0, None, tuple(range(1, self.world_size)), None, 1.0, (1.0,))]
             self.nodes += [Node(r, 0, (), None, 1.0, (1.0,)) for r in range(1, self.world_size)]
             return
         try:
-            self.nodes: list[Node] = build_tree(self.world_size, self.branching, self.stragglers, code, self.seed)
+            self.nodes: list[Node] = build_tree(self.world_size, self.branching, self.stragglers, code, self.seed,
+                                                self.speeds)
         except ValueError as err:
             raise ValueError(f"{err}; {self._suggestion()}") from None
 
@@ -185,7 +213,8 @@ class CodedReducePlan:
     def loads(self) -> np.ndarray:
         """Each rank's compute load as a fraction of the global batch."""
         if self.balanced is not None:
-            return np.full(self.world_size, 1.0 / self.balanced.count)
+            shares = self.balanced.shares
+            return np.array([shares[self.balanced.group_of(r)] for r in range(self.world_size)])
         data = np.zeros(self.world_size)
         data[0] = 1.0
         load = np.zeros(self.world_size)
@@ -239,7 +268,7 @@ class CodedReducePlan:
     @lru_cache(maxsize=8)
     def _allocate(self, global_batch_size: int) -> tuple[tuple[Shard, ...], ...]:
         if self.balanced is not None:  # group g: the g-th contiguous part; every member computes all of it
-            sizes = _round_split(global_batch_size, (1.0 / self.balanced.count,) * self.balanced.count)
+            sizes = _round_split(global_batch_size, self.balanced.shares)
             starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
             return tuple(((Shard(int(starts[g]), int(starts[g + 1]), 1.0),) if sizes[g] else ())
                          for g in map(self.balanced.group_of, range(self.world_size)))
@@ -349,6 +378,8 @@ class CodedReducePlan:
         }
         if self.balanced is not None:
             spec.update(layout="balanced", chunk_bytes=self.chunk_bytes)
+        if self.speeds is not None:
+            spec.update(speeds=[round(x, 9) for x in self.speeds])
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
     def describe(self) -> str:
@@ -359,13 +390,16 @@ class CodedReducePlan:
             f"  depth {self.depth}, redundancy {self.redundancy:.3f}, load imbalance {self.load_imbalance:.3f}, "
             f"min global batch {self.min_global_batch_size}",
         ]
+        if self.speeds is not None:
+            lines.append("  speed-proportional loads: relative speeds " + ", ".join(f"{x:g}" for x in self.speeds))
         if self.balanced is not None:
             lines.append(f"  layout balanced ({self.layout_reason}): chunks of {self.chunk_bytes / 2 ** 20:g} MiB, chunk c "
                          f"owned by rank c mod {self.world_size}; every rank sends each chunk to its owner, the owner "
                          "sums the first arrival of each group and sends the chunk to every rank")
-            lines.append(f"  {self.balanced.count} fractional-repetition groups (each computes 1/{self.balanced.count} "
-                         f"of the batch; any slow rank tolerated if its group has another member; no dead rank):")
-            lines += [f"    group {g}: ranks {list(m)}" for g, m in enumerate(self.balanced.groups)]
+            lines.append(f"  {self.balanced.count} fractional-repetition groups (any slow rank tolerated if its group "
+                         "has another member; no dead rank):")
+            lines += [f"    group {g}: ranks {list(m)}, {share:.1%} of the batch"
+                      for g, (m, share) in enumerate(zip(self.balanced.groups, self.balanced.shares))]
             return "\n".join(lines)
         lines.append(f"  layout tree ({self.layout_reason})")
         if self.reduced_tolerance:
@@ -387,8 +421,9 @@ class CodedReducePlan:
 
     def __repr__(self) -> str:
         layout = "" if self.balanced is None else ", layout='balanced'"
+        speeds = "" if self.speeds is None else f", speeds={list(self.speeds)}"
         return (f"CodedReducePlan(world_size={self.world_size}, branching={self.branching}, "
-                f"stragglers={self.stragglers}, code={self.code!r}, seed={self.seed}{layout})")
+                f"stragglers={self.stragglers}, code={self.code!r}, seed={self.seed}{layout}{speeds})")
 
 
 def _merge(segments: Segments) -> Segments:

@@ -31,7 +31,7 @@ class Node:
     parent: int | None
     children: tuple[int, ...]
     code: Code | None  # None for leaves
-    capacity: float  # data this subtree covers when every rank computes one unit
+    capacity: float  # data this subtree covers when every rank computes its speed (default one unit)
     split: tuple[float, ...]  # (local, part_1, ..., part_k) / capacity: sums to 1
 
 
@@ -120,15 +120,27 @@ def parts_lp(code: Code, caps: tuple[float, ...]) -> tuple[float, ...]:
             p[idx[0]] = min(caps[i] for i in idx)
             continue
         mask = (block.matrix != 0).astype(float)
-        res = linprog(-np.ones(len(idx)), A_ub=mask, b_ub=[caps[i] for i in idx], bounds=(0, None), method="highs")
-        if not res.success:  # pragma: no cover - the LP is always feasible (p = 0)
+        block_caps = [caps[i] for i in idx]
+        res = linprog(-np.ones(len(idx)), A_ub=mask, b_ub=block_caps, bounds=(0, None), method="highs")
+        if res.success and (mask @ res.x).min() <= 1e-9 * max(block_caps):
+            # an optimum that starves a child (possible with unequal capacities, e.g. speed-proportional loads)
+            # would idle its whole subtree: give every part a floor that keeps every child busy
+            floor = min(block_caps) / (4 * mask.sum(axis=1).max())
+            res = linprog(-np.ones(len(idx)), A_ub=mask, b_ub=block_caps, bounds=(floor, None), method="highs")
+        if not res.success:  # pragma: no cover - the LP is always feasible (p = 0, or p = floor)
             raise RuntimeError(res.message)
         p[idx] = res.x
     return tuple(float(x) for x in p)
 
 
-def build_tree(world_size: int, n: int, s: int, code: str, seed: int) -> list[Node]:
-    """Breadth-first ranks (0 is the root), each with its code and split proportions."""
+def build_tree(world_size: int, n: int, s: int, code: str, seed: int,
+               speeds: tuple[float, ...] | None = None) -> list[Node]:
+    """Breadth-first ranks (0 is the root), each with its code and split proportions.
+
+    ``speeds``: each rank's relative compute speed (default all 1). A rank's own share is proportional
+    to its speed and a subtree's capacity is its root's speed plus the parts its children can cover,
+    so with every subtree filled to capacity all ranks finish together (the shape stays the one for
+    equal speeds)."""
     # 1. shape, ranks assigned level by level (sizes solved smallest first: no deep recursion)
     for m in range(1, world_size + 1):
         shape(m, n, s, code, seed)
@@ -148,15 +160,16 @@ def build_tree(world_size: int, n: int, s: int, code: str, seed: int) -> list[No
                 nxt.append(r)
         frontier = nxt
     # 2. capacities bottom-up (children have larger ranks than parents)
-    caps = [1.0] * world_size
+    own = tuple(speeds) if speeds is not None else (1.0,) * world_size
+    caps = list(own)
     parts: list[tuple[float, ...]] = [()] * world_size
     codes: list[Code | None] = [None] * world_size
     for v in reversed(range(world_size)):
         if kids[v]:
             codes[v] = code_for(len(kids[v]), s, code, seed)
             parts[v] = parts_lp(codes[v], tuple(caps[c] for c in kids[v]))
-            caps[v] = 1.0 + sum(parts[v])
+            caps[v] += sum(parts[v])  # own speed + what the children cover
     return [
-        Node(v, parent[v], tuple(kids[v]), codes[v], caps[v], tuple(x / caps[v] for x in (1.0, *parts[v])))
+        Node(v, parent[v], tuple(kids[v]), codes[v], caps[v], tuple(x / caps[v] for x in (own[v], *parts[v])))
         for v in range(world_size)
     ]

@@ -17,7 +17,7 @@ from ..engine.transport import check_transport
 from ..environments import horovod_environment_class
 from ..plan import CodedReducePlan
 from ..plan.layout import DEFAULT_CHUNK_BYTES, LAYOUTS
-from ..plan.plan import check_int
+from ..plan.plan import check_int, check_speeds as plan_speeds
 from ._common import WarnOnce, log
 from .internals import LightningInternals
 
@@ -41,6 +41,16 @@ def check_options(branching: int, stragglers: int, code: str, global_batch_size:
             or timeout <= 0:
         raise ValueError(f"timeout must be a finite, positive number of seconds (how long a silent peer may take "
                          f"before it counts as dead), got {timeout!r}")
+
+
+def check_speeds(speeds: Any) -> Optional[tuple[float, ...]]:
+    """``speeds`` as positive floats (their number is checked against the world size when the plan is built)."""
+    if speeds is None:
+        return None
+    if isinstance(speeds, (str, bytes)) or not hasattr(speeds, "__len__"):
+        raise ValueError(f"speeds must be a list of relative speeds, one per rank, got {speeds!r}; "
+                         "e.g. speeds=[1, 1, 0.5, 1] when rank 2 takes twice as long per sample")
+    return plan_speeds(speeds, len(speeds))
 
 
 def check_layout(layout: str, chunk_bytes: int) -> None:
@@ -121,13 +131,13 @@ def horovodrun_layout(env: Optional[Any], namespace: str, processes: int,
 
 def build_plan(world_size: int, branching: int, stragglers: int, code: str, seed: int, *, manual: bool,
                warn: WarnOnce, layout: str = "auto", chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-               gradient_bytes: Optional[int] = None) -> CodedReducePlan:
+               gradient_bytes: Optional[int] = None, speeds: Optional[tuple[float, ...]] = None) -> CodedReducePlan:
     """The plan; ``code="auto"`` becomes fractional repetition (0/1 weights) where it must: manual
     optimization (the user back-propagates the loss) and ``Trainer(deterministic=True)`` (reproducible sums).
     ``layout="auto"`` picks the layout by ``gradient_bytes``; under ``deterministic=True`` it takes the
     balanced layout (always reproducible) where the tree's plan is not."""
     deterministic = torch.are_deterministic_algorithms_enabled()
-    shape = dict(layout=layout, chunk_bytes=chunk_bytes, gradient_bytes=gradient_bytes)
+    shape = dict(layout=layout, chunk_bytes=chunk_bytes, gradient_bytes=gradient_bytes, speeds=speeds)
     plan = None
     if code == "auto" and (manual or deterministic):
         try:
@@ -138,7 +148,8 @@ def build_plan(world_size: int, branching: int, stragglers: int, code: str, seed
     if deterministic and layout == "auto" and plan.irreproducible_reason() is not None \
             and world_size >= max(3, stragglers + 1):
         why = plan.irreproducible_reason()
-        plan = CodedReducePlan(world_size, branching, stragglers, code, seed, layout="balanced", chunk_bytes=chunk_bytes)
+        plan = CodedReducePlan(world_size, branching, stragglers, code, seed, layout="balanced", chunk_bytes=chunk_bytes,
+                               speeds=speeds)
         plan.layout_reason = "Trainer(deterministic=True), and the tree cannot be reproducible: " + why
         log.info(f"CodedReduce: balanced layout ({plan.layout_reason}); it tolerates slow ranks, not dead ones")
     reason = plan.irreproducible_reason() if deterministic else None
@@ -163,7 +174,8 @@ def check_same_plan(options: dict[str, Any], plan: CodedReducePlan) -> None:
         detail = "; ".join(f"{k}: " + ", ".join(f"rank {r} {e[k]!r}" for r, e in enumerate(every)) for k in differ)
         raise ValueError(
             f"the ranks built different CodedReduce plans ({detail or 'plan fingerprints differ: ' + str([e['plan'] for e in every])}); "
-            "every rank must create CodedReduceStrategy with the same branching, stragglers, code, seed and transport")
+            "every rank must create CodedReduceStrategy with the same branching, stragglers, code, seed, transport, "
+            "layout, chunk_bytes and speeds")
 
 
 def check_materialised(module: Optional[torch.nn.Module]) -> None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import importlib
 from datetime import timedelta
 from functools import partial
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch.distributed as dist
 
@@ -47,7 +47,7 @@ from .internals import LightningInternals
 
 STRATEGY_NAME = "codedreduce"
 FORK_STRATEGY_NAME = "codedreduce_fork"
-_SAME_ON_EVERY_RANK = ("branching", "stragglers", "code", "seed", "transport", "layout", "chunk_bytes")
+_SAME_ON_EVERY_RANK = ("branching", "stragglers", "code", "seed", "transport", "layout", "chunk_bytes", "speeds")
 
 
 def _define(ddp: type, namespace: str) -> type:
@@ -68,10 +68,11 @@ def _define(ddp: type, namespace: str) -> type:
                      process_group_backend: Optional[str] = None, seed: int = 0, *,
                      process_group_timeout: Optional[timedelta] = None, transport: str = "gloo",
                      layout: str = "auto", chunk_bytes: int = DEFAULT_CHUNK_BYTES, bucket_cap_mb: float = 25.0,
-                     **ddp_kwargs: Any) -> None:
+                     speeds: Optional[Sequence[float]] = None, **ddp_kwargs: Any) -> None:
             checks.check_options(branching, stragglers, code, global_batch_size, timeout, seed, transport)
             checks.check_layout(layout, chunk_bytes)
             checks.check_bucket_cap(bucket_cap_mb)
+            self.speeds = checks.check_speeds(speeds)
             base = checks.ddp_base_options(ddp_kwargs, process_group_timeout)
             if base.get("cluster_environment") is None and is_horovodrun():
                 # horovodrun sets only HOROVOD_* variables, which Lightning does not read
@@ -175,7 +176,8 @@ def _define(ddp: type, namespace: str) -> type:
             checks.check_materialised(module)  # before the plan: the layout is chosen by the gradient's size
             self.plan = checks.build_plan(self.world_size, self.branching, self.stragglers, self.code, self.seed,
                                           manual=manual, warn=self._warn, layout=self.layout,
-                                          chunk_bytes=self.chunk_bytes, gradient_bytes=checks.message_bytes(module))
+                                          chunk_bytes=self.chunk_bytes, gradient_bytes=checks.message_bytes(module),
+                                          speeds=self.speeds)
             log.debug(self.plan.describe())
             checks.check_same_plan({k: getattr(self, k) for k in _SAME_ON_EVERY_RANK}, self.plan)
             self._lightning.apply_patches(trainer, self._on_first_sigterm)
@@ -358,6 +360,11 @@ _CLASS_DOC = """Data-parallel training with CodedReduce instead of DDP's all-red
             about this many MiB (from the last parameters, which backward reaches first) as soon as backward
             has produced each one, so communication overlaps the rest of backward. ``0``: the whole
             gradient after backward. The tree always takes it whole.
+        speeds: relative compute speed of every rank, for hardware that is persistently slower (e.g.
+            ``[1, 1, 0.5, 1]``: rank 2 takes twice as long per sample). Every rank's share of the global batch
+            is sized so that all ranks finish together; the global batch, and so the training run, is
+            unchanged. ``None`` (default): all equal. Pair with ``stragglers=0`` when slowness is only
+            persistent, so that no sample is computed twice.
 
     After set-up: ``plan`` (the :class:`CodedReducePlan`), ``reducer``, ``sampler``,
     ``global_batch_size`` and ``step_records`` (one ``{"step", "compute_s", "skipped", "early_buckets"}`` per
