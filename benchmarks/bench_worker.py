@@ -126,7 +126,7 @@ def run_cell(cell: dict, comm, data: dict, cfg: dict, index: int) -> dict:
     wl = WORKLOADS[name]
     scheme = Scheme(**cell["scheme"])
     spec = StragglerSpec(**cell["straggler"])
-    lay = layout(scheme, world, wl["per_rank_batch"])
+    lay = layout(scheme, world, wl["per_rank_batch"], cell.get("batch", "per-rank"))
     B = lay.global_batch
     compute_s = {r: cfg["compute_s"][name] * lay.samples(r) / wl["per_rank_batch"] for r in range(world)}
     X, Y = data[name]

@@ -32,7 +32,7 @@ from lightning_codedreduce._procs import Launcher  # noqa: E402
 from lightning_codedreduce._util import free_port  # noqa: E402
 from benchmarks import netns, report  # noqa: E402
 from benchmarks.workloads import (  # noqa: E402
-    WORKLOADS, StragglerSpec, default_schemes, make_data)
+    BATCH_MODES, STRAGGLER_MODELS, WORKLOADS, StragglerSpec, default_schemes, make_data)
 
 WORKER = ROOT / "benchmarks" / "bench_worker.py"
 MASTER_PORT = 29511
@@ -50,19 +50,19 @@ def horovod_status(python: str) -> tuple[bool, str]:
 
 
 def plan_cells(world: int, workloads: list[str], stragglers: list[str], schemes: list[str] | None,
-               steps: dict[str, int], horovod: bool) -> list[dict]:
+               steps: dict[str, int], horovod: bool, batch: str = "global", seed: int = 0) -> list[dict]:
     """Cells in run order: for each workload and straggler model, every scheme back to back."""
     cells = []
     for name in workloads:
         for model in stragglers:
             spec = StragglerSpec.default(model)
-            for sc in default_schemes(world):
+            for sc in default_schemes(world, spec, seed):
                 if schemes and sc.name not in schemes and sc.kind not in schemes:
                     continue
                 if sc.kind == "horovod" and not horovod:
                     continue
                 cells.append({"id": f"W{world}-{name}-{model}-{sc.name}", "world": world, "workload": name,
-                              "straggler": spec.__dict__, "scheme": sc.__dict__, "steps": steps[name]})
+                              "straggler": spec.__dict__, "scheme": sc.__dict__, "steps": steps[name], "batch": batch})
     return cells
 
 
@@ -138,7 +138,11 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="W=7, logreg, none/paper/heavy, 12 steps (< 5 min)")
     p.add_argument("--worlds", type=int, nargs="+")
     p.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS))
-    p.add_argument("--stragglers", nargs="+", choices=["none", "paper", "heavy", "shiftexp"])
+    p.add_argument("--stragglers", nargs="+", choices=STRAGGLER_MODELS,
+                   help="every computing rank may straggle, rank 0 included (see lightning_codedreduce/sim.py)")
+    p.add_argument("--batch", choices=BATCH_MODES, default="global",
+                   help="global: every scheme trains on the same global batch (W x per-rank batch), so step-time "
+                        "ratios are time-to-loss ratios; per-rank: equal compute per rank (compares communication)")
     p.add_argument("--schemes", nargs="+", help="scheme names or kinds (coded, gc, allreduce, horovod)")
     p.add_argument("--steps", type=int, help="steps per cell (default 25, quick 12)")
     p.add_argument("--rate", default="1gbit", help="per-host link rate, e.g. 1gbit or 100mbit")
@@ -209,6 +213,7 @@ def main(argv=None) -> int:
             "worlds": args.worlds, "workloads": {k: dict(WORKLOADS[k], compute_s=args.compute[k]) for k in args.workloads},
             "stragglers": {m: StragglerSpec.default(m).describe() for m in args.stragglers},
             "steps": args.steps_by, "seed": args.seed, "quick": args.quick, "host_cpus": os.cpu_count(),
+            "batch": args.batch,
             "emulation": ("compute is emulated: each rank waits out its per-step compute time (the workload's "
                           "compute_s scaled by its sample count, plus straggler delays) and then runs the real "
                           "forward/backward, as if every rank had its own machine")}
@@ -217,7 +222,8 @@ def main(argv=None) -> int:
           f"Horovod={'yes (' + hvd_launcher + ')' if hvd_ok else 'no'}", flush=True)
     (raw / "meta.json").write_text(json.dumps(meta))  # lets --analyse-only redo the analysis of these runs
     for world in args.worlds:
-        cells = plan_cells(world, args.workloads, args.stragglers, args.schemes, args.steps_by, hvd_ok)
+        cells = plan_cells(world, args.workloads, args.stragglers, args.schemes, args.steps_by, hvd_ok, args.batch,
+                           args.seed)
         run_world(world, cells, args, data, raw / f"W{world}", net_mode, hvd_launcher)
     return finish(args, raw, meta, out, t_start)
 
@@ -228,6 +234,7 @@ def finish(args, raw: Path, meta: dict, out: Path, t_start: float) -> int:
     results["meta"]["wall_s"] = time.monotonic() - t_start
     report.write(results, out, plots=not args.no_plots)
     print(report.headline(results))
+    print("\nRegimes x schemes:\n" + report.regime_table(results))
     if any("bank" in WORKLOADS[m["workload"]] for m in results["cells"]):
         print("\nModel sizes (balanced layout vs the rest, same per-rank batch):\n" + report.size_table(results))
     print(f"\nwrote {args.out}/results.json, results.md and plots in {time.monotonic() - t_start:.0f} s")

@@ -44,7 +44,7 @@ def cell_metrics(ranks: list[dict], cfg: dict) -> dict:
     m = {
         "id": cfg["id"], "W": cfg["world"], "workload": cfg["workload"], "stragglers": cfg["straggler"]["name"],
         "scheme": scheme.name, "kind": scheme.kind, "label": scheme.label, "scheme_cfg": dict(cfg["scheme"]),
-        "R": None, "global_batch": B,
+        "R": None, "global_batch": B, "batch": cfg.get("batch", "per-rank"),
         "steps": S, "numel": r0["numel"], "msg_bytes": r0["numel"] * 4,
         "step_s": mean_step, "step_p50_s": float(np.median(per_step[w:])),
         "step_p90_s": float(np.percentile(per_step[w:], 90)), "step_times_s": per_step.tolist(),
@@ -249,8 +249,11 @@ def _sim_cell(m: dict, alpha: dict, meta: dict, overhead: float) -> float:
     net = sim.NetworkModel(bw, alpha["tree"], alpha["ddp"],
                            ring_fixed_s=alpha["hvd_fixed"] if scheme.kind == "horovod" else 0.0)
     spec = sim.StragglerSpec.default(m["stragglers"])
-    r = sim.simulate(kind, m["W"], msg_bytes=m["msg_bytes"], compute_s=wl["compute_s"] + overhead, stragglers=spec,
-                     net=net, steps=m["steps"], warmup=WARMUP, seed=meta["seed"], plan=scheme_plan(scheme, m["W"]))
+    compute_s = wl["compute_s"] + overhead
+    same_global = dict(global_batch_samples=m["global_batch"], sample_s=compute_s / wl["per_rank_batch"]) \
+        if m.get("batch") == "global" else {}
+    r = sim.simulate(kind, m["W"], msg_bytes=m["msg_bytes"], compute_s=compute_s, stragglers=spec, net=net,
+                     steps=m["steps"], warmup=WARMUP, seed=meta["seed"], plan=scheme_plan(scheme, m["W"]), **same_global)
     return r.mean_step
 
 
@@ -366,7 +369,7 @@ def markdown(results: dict) -> str:
     cells = results["cells"]
     for W in sorted({m["W"] for m in cells}):
         for wl in sorted({m["workload"] for m in cells}):
-            for model in ("none", "paper", "heavy", "shiftexp"):
+            for model in sim.STRAGGLER_MODELS:
                 rows = [m for m in cells if m["W"] == W and m["workload"] == wl and m["stragglers"] == model]
                 if not rows:
                     continue
@@ -459,7 +462,30 @@ def size_table(results: dict) -> str:
                               else f"{'–':>18}" for s in schemes))
     out.append(f"R: crb_s1 {next((m['R'] for m in cells if m['scheme'] == 'crb_s1'), 0):.2f} (balanced groups), "
                f"cr_n3_s1 {next((m['R'] for m in cells if m['scheme'] == 'cr_n3_s1'), 0):.2f}, DDP/Horovod 1.00 "
-               "(same per-rank batch: the coded global batch is W/R x per-rank)")
+               + ("(same per-rank batch: the coded global batch is W/R x per-rank)"
+                  if results["meta"].get("batch", "per-rank") == "per-rank" else "(same global batch: W x per-rank)"))
+    return "\n".join(out)
+
+
+def regime_table(results: dict) -> str:
+    """Straggler regimes x schemes per W and workload: step ms and DDP's step / the scheme's (x faster than DDP),
+    with each scheme's R in the header; the batch mode says whether every scheme had the same global batch."""
+    cells, batch = results["cells"], results["meta"].get("batch", "per-rank")
+    out = []
+    for W, wl in sorted({(m["W"], m["workload"]) for m in cells}):
+        rows = [m for m in cells if m["W"] == W and m["workload"] == wl]
+        schemes = list(dict.fromkeys(m["scheme"] for m in rows))
+        R = {m["scheme"]: m["R"] if m["R"] is not None else 1.0 for m in rows}
+        out += [f"W={W}, {wl}, {batch} batch: step ms (DDP's step / the scheme's)", "",
+                "| regime | " + " | ".join(f"{s} R{R[s]:.2f}" for s in schemes) + " |",
+                "|---|" + "---|" * len(schemes)]
+        for model in dict.fromkeys(m["stragglers"] for m in rows):
+            by = {m["scheme"]: m for m in rows if m["stragglers"] == model}
+            ddp = by.get("ddp")
+            out.append(f"| {model} | " + " | ".join(
+                "–" if s not in by else f"{by[s]['step_s'] * 1e3:.0f}"
+                + (f" ({ddp['step_s'] / by[s]['step_s']:.2f}x)" if ddp and s != "ddp" else "") for s in schemes) + " |")
+        out.append("")
     return "\n".join(out)
 
 
@@ -475,7 +501,7 @@ def headline(results: dict) -> str:
     out.append(f"{'workload':8} {'stragglers':10} {'scheme':16} {'R':>5} {'step ms':>8} {'vs Horovod':>10} {'vs DDP':>8} "
                f"{'vs GC':>7} {'vs s=0':>7} {'/ own none':>10}")
     for wl in sorted({m["workload"] for m in cells}):
-        for model in ("none", "paper", "heavy", "shiftexp"):
+        for model in sim.STRAGGLER_MODELS:
             for m in cells:
                 if m["W"] != W or m["workload"] != wl or m["stragglers"] != model or not _is_cr_s1(m["scheme"]):
                     continue
@@ -504,7 +530,7 @@ def headline(results: dict) -> str:
 def write(results: dict, out: Path, plots: bool = True) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(markdown(results))
+    (out / "results.md").write_text(markdown(results) + "\n\n## Regimes x schemes\n\n" + regime_table(results))
     if plots:
         make_plots(results, out)
 
@@ -516,7 +542,7 @@ def make_plots(results: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     cells = results["cells"]
-    models = [m for m in ("none", "paper", "heavy", "shiftexp") if any(c["stragglers"] == m for c in cells)]
+    models = [m for m in sim.STRAGGLER_MODELS if any(c["stragglers"] == m for c in cells)]
     for W in sorted({m["W"] for m in cells}):
         for wl in sorted({m["workload"] for m in cells}):
             sel = [m for m in cells if m["W"] == W and m["workload"] == wl]

@@ -13,9 +13,15 @@ Schemes (``kind``):
 * ``allreduce`` DDP-style: ``torch.distributed.all_reduce`` of the flat gradient (gloo);
 * ``horovod`` Horovod ring all-reduce (``hvd.DistributedOptimizer``) under its own launcher.
 
-Every computing rank processes ``per_rank_batch`` samples per step in every scheme (the busiest
-rank exactly, the others up to rounding); the *global* batch is ``W x per_rank_batch`` for the
-all-reduce schemes and ``capacity x per_rank_batch`` (= computing ranks / R) for the coded ones.
+Batch (``--batch``): ``global`` (default) gives every scheme the same global batch, ``W x per_rank_batch``
+(DDP's), so every scheme computes the same updates and time to any loss is the step-time ratio; a coded
+rank then computes about ``R x per_rank_batch`` samples. ``per-rank`` gives every computing rank
+``per_rank_batch`` samples in every scheme (the busiest exactly): the coded schemes' global batch is then
+``capacity x per_rank_batch`` (= computing ranks / R), so equal compute per rank compares the layouts on
+communication alone.
+
+``prop_s0`` is the uncoded tree with speed-proportional loads: the straggler model's persistently slow
+ranks (``slow``, ``slowroot``, ``paper``) get ``speeds=`` as a user who measured them would pass.
 """
 from __future__ import annotations
 
@@ -26,7 +32,10 @@ from pathlib import Path
 import numpy as np
 
 from lightning_codedreduce.plan import CodedReducePlan
-from lightning_codedreduce.sim import STRAGGLER_MODELS, MasterWorkerPlan, StragglerSpec, Stragglers  # noqa: F401
+from lightning_codedreduce.sim import (STRAGGLER_MODELS, MasterWorkerPlan, StragglerSpec, Stragglers,  # noqa: F401
+                                       persistent_speeds)
+
+BATCH_MODES = ("global", "per-rank")
 
 # ---------------------------------------------------------------------------- workloads
 WORKLOADS = {
@@ -136,9 +145,12 @@ class Scheme:
     branching: int = 0
     stragglers: int = 0
     layout: str = "tree"  # coded: the plan's layout (tree | balanced)
+    speeds: tuple[float, ...] | None = None  # coded: speed-proportional loads (CodedReducePlan(speeds=))
 
     @property
     def label(self) -> str:
+        if self.kind == "coded" and self.speeds is not None:
+            return f"speed-proportional tree n={self.branching} s={self.stragglers}"
         if self.kind == "coded" and self.layout == "balanced":
             return f"CodedReduce balanced s={self.stragglers}"
         if self.kind == "coded":
@@ -148,19 +160,25 @@ class Scheme:
                 "horovod": "Horovod RAR (gloo)"}[self.kind]
 
 
-def default_schemes(world: int) -> list[Scheme]:
+def default_schemes(world: int, straggler: StragglerSpec | None = None, seed: int = 0) -> list[Scheme]:
+    """Every scheme; ``prop_s0``'s speeds are those the straggler model makes persistently slow (see
+    ``persistent_speeds``; the worker seeds its straggler model with the same ``seed``). Where no rank is
+    persistently slow ``prop_s0`` is ``tree_n3_s0`` and is left out."""
     flat = world - 1
     out = [Scheme("cr_n3_s1", "coded", 3, 1), Scheme("crb_s1", "coded", 3, 1, "balanced")]
     if flat != 3:
         out.append(Scheme(f"cr_flat_n{flat}_s1", "coded", flat, 1))
-    out += [Scheme("tree_n3_s0", "coded", 3, 0), Scheme("ddp", "allreduce"), Scheme("gc_s1", "gc", flat, 1),
-            Scheme("horovod", "horovod")]
+    speeds = persistent_speeds(straggler or StragglerSpec("none"), world, seed)
+    out.append(Scheme("tree_n3_s0", "coded", 3, 0))
+    if set(speeds) != {1.0}:
+        out.append(Scheme("prop_s0", "coded", 3, 0, speeds=tuple(speeds)))
+    out += [Scheme("ddp", "allreduce"), Scheme("gc_s1", "gc", flat, 1), Scheme("horovod", "horovod")]
     return out
 
 
 def scheme_plan(scheme: Scheme, world: int):
     if scheme.kind == "coded":
-        return CodedReducePlan(world, scheme.branching, scheme.stragglers, layout=scheme.layout)
+        return CodedReducePlan(world, scheme.branching, scheme.stragglers, layout=scheme.layout, speeds=scheme.speeds)
     if scheme.kind == "gc":
         return MasterWorkerPlan(world, scheme.stragglers)
     return None
@@ -180,13 +198,17 @@ class Layout:
         return len(self.positions[rank])
 
 
-def layout(scheme: Scheme, world: int, per_rank_batch: int) -> Layout:
+def layout(scheme: Scheme, world: int, per_rank_batch: int, batch: str = "global") -> Layout:
+    """``batch="global"``: every scheme's global batch is ``world x per_rank_batch``; ``"per-rank"``: every
+    computing rank gets ``per_rank_batch`` samples (see the module docstring)."""
+    if batch not in BATCH_MODES:
+        raise ValueError(f"unknown batch mode {batch!r}; use one of {BATCH_MODES}")
     plan = scheme_plan(scheme, world)
     if plan is None:
         b = per_rank_batch
         pos = [list(range(r * b, (r + 1) * b)) for r in range(world)]
         return Layout(world * b, 1.0, pos, [[1.0] * b for _ in range(world)], list(range(world)))
-    B = plan.global_batch_for(per_rank_batch)
+    B = world * per_rank_batch if batch == "global" else plan.global_batch_for(per_rank_batch)
     pos, wts = [], []
     for r in range(world):
         shards = plan.shards(r, B)

@@ -91,17 +91,23 @@ class MasterWorkerPlan(CodedReducePlan):
 
 
 # ---------------------------------------------------------------------------- straggler models
-STRAGGLER_MODELS = ("none", "paper", "heavy", "shiftexp")
+STRAGGLER_MODELS = ("none", "paper", "slow", "slowroot", "heavy", "blog", "shiftexp")
+PERSISTENT_MODELS = ("paper", "slow", "slowroot")  # fixed ranks, slow at every step
 
 
 @dataclass(frozen=True)
 class StragglerSpec:
-    """How workers straggle. Rank 0 (the coordinating host: GC's master, the tree's root) never
-    straggles, in every scheme.
+    """How workers straggle. Every rank that computes may straggle, rank 0 included; only a rank that
+    computes nothing (gradient coding's master) never does.
 
     * ``none``
     * ``paper``: ``count`` fixed ranks (seeded choice) sleep ``factor`` x their compute time every
       step (the paper: 3x).
+    * ``slow``: ``count`` fixed ranks (seeded choice) are persistently slower: ``1 + factor`` x their
+      compute time every step (default 2x: older or throttled hardware).
+    * ``slowroot``: rank 0 is persistently ``1 + factor`` x slower (default 3x).
+    * ``blog``: the PyTorch hierarchical-SGD blog's protocol: every rank, every step, sleeps ``factor`` x
+      its compute time with probability ``prob`` (default 1 %, 18x).
     * ``heavy``: stall episodes of ``factor`` x the stalled worker's compute time (>= 10), one random
       worker at a time, back to back on the shared wall clock; a stalled worker's compute makes no
       progress. For a synchronous scheme that is one random worker stalling ~``factor`` x in every
@@ -114,6 +120,7 @@ class StragglerSpec:
     factor: float = 0.0
     count: int = 1
     scale: float = 0.0
+    prob: float = 0.0
 
     def __post_init__(self):
         if self.name not in STRAGGLER_MODELS:
@@ -122,13 +129,37 @@ class StragglerSpec:
     @staticmethod
     def default(name: str) -> "StragglerSpec":
         return {"none": StragglerSpec("none"), "paper": StragglerSpec("paper", factor=3.0, count=1),
-                "heavy": StragglerSpec("heavy", factor=10.0), "shiftexp": StragglerSpec("shiftexp", scale=1.0)}[name]
+                "slow": StragglerSpec("slow", factor=1.0, count=1), "slowroot": StragglerSpec("slowroot", factor=2.0),
+                "heavy": StragglerSpec("heavy", factor=10.0), "blog": StragglerSpec("blog", factor=18.0, prob=0.01),
+                "shiftexp": StragglerSpec("shiftexp", scale=1.0)}[name]
 
     def describe(self) -> str:
         return {"none": "no stragglers",
                 "paper": f"{self.count} fixed rank(s) sleep {self.factor:g}x compute every step",
+                "slow": f"{self.count} fixed rank(s) persistently {1 + self.factor:g}x slower",
+                "slowroot": f"rank 0 persistently {1 + self.factor:g}x slower",
+                "blog": f"every rank, every step: sleeps {self.factor:g}x compute with probability {self.prob:g}",
                 "heavy": f"one worker at a time stalls {self.factor:g}x its compute (back-to-back episodes)",
                 "shiftexp": f"compute = T + Exp(mean {self.scale:g} T), every worker, every step"}[self.name]
+
+
+def persistent_ranks(spec: StragglerSpec, eligible: list[int], seed: int) -> set[int]:
+    """The ranks a persistent model slows down at every step: a seeded choice among ``eligible`` (rank 0
+    for ``slowroot``); empty for the other models."""
+    if spec.name == "slowroot":
+        return {0} & set(eligible)
+    if spec.name not in PERSISTENT_MODELS or not eligible:
+        return set()
+    rng = np.random.default_rng([seed, 7])
+    count = min(spec.count, len(eligible))
+    return set(int(r) for r in rng.choice(eligible, size=count, replace=False))
+
+
+def persistent_speeds(spec: StragglerSpec, world: int, seed: int) -> list[float]:
+    """Relative speeds that a persistent model gives ``world`` computing ranks (``CodedReducePlan(speeds=)``):
+    what a user who measured the slow hardware would pass."""
+    slow = persistent_ranks(spec, list(range(world)), seed)
+    return [1.0 / (1.0 + spec.factor) if r in slow else 1.0 for r in range(world)]
 
 
 class Stragglers:
@@ -138,11 +169,8 @@ class Stragglers:
                  t0: float = 0.0):
         self.spec, self.world, self.seed, self.t0 = spec, world, seed, t0
         self.compute_s = compute_s  # rank -> straggler-free compute seconds per step
-        self.eligible = sorted(r for r, t in compute_s.items() if r != 0 and t > 0)
-        rng = np.random.default_rng([seed, 7])
-        count = min(spec.count, len(self.eligible))
-        self.fixed = (set(int(r) for r in rng.choice(self.eligible, size=count, replace=False))
-                      if spec.name == "paper" and count else set())
+        self.eligible = sorted(r for r, t in compute_s.items() if t > 0)  # rank 0 included
+        self.fixed = persistent_ranks(spec, self.eligible, seed)
         self._ep_start: list[float] = []  # heavy: episode k covers [start_k, start_k + dur_k) on rank_k
         self._ep_rank: list[int] = []
         self._ep_dur: list[float] = []
@@ -175,10 +203,14 @@ class Stragglers:
         """``(end, delay)``: when the compute of ``step`` that ``rank`` starts at ``start`` ends, and
         how many of those seconds were straggling."""
         base = self.compute_s.get(rank, 0.0)
-        if base <= 0 or rank == 0 or self.spec.name == "none":
+        if base <= 0 or self.spec.name == "none":
             return start + base, 0.0
-        if self.spec.name == "paper":
+        if self.spec.name in PERSISTENT_MODELS:
             extra = self.spec.factor * base if rank in self.fixed else 0.0
+            return start + base + extra, extra
+        if self.spec.name == "blog":
+            rng = np.random.default_rng([self.seed, 17, rank, step])
+            extra = self.spec.factor * base if rng.random() < self.spec.prob else 0.0
             return start + base + extra, extra
         if self.spec.name == "shiftexp":
             rng = np.random.default_rng([self.seed, 13, rank, step])

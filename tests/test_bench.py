@@ -122,7 +122,7 @@ def test_heavy_stall_episodes_one_at_a_time_and_deterministic():
     b = sim.Stragglers(sim.StragglerSpec.default("heavy"), 13, comp, seed=3, t0=10.0)
     eps = a.episodes(15.0)
     assert eps == b.episodes(15.0)
-    assert all(r != 0 for r, _, _ in eps)
+    assert {r for r, _, _ in a.episodes(60.0)} == set(range(13))  # every computing rank stalls, rank 0 included
     assert all(e2[1] == pytest.approx(e1[1] + e1[2]) and e1[0] != e2[0] for e1, e2 in zip(eps, eps[1:]))
     assert all(d == pytest.approx(0.5) for _, _, d in eps)  # 10x compute
     rank, start, dur = eps[3]
@@ -130,14 +130,17 @@ def test_heavy_stall_episodes_one_at_a_time_and_deterministic():
     assert end == pytest.approx(start + dur + 0.04) and delay == pytest.approx(dur)
     other = next(r for r in range(1, 13) if r != rank and all(e[0] != r for e in eps[2:6]))
     assert a.finish(other, 0, start)[1] == pytest.approx(0.0, abs=1e-12)
-    assert a.finish(0, 0, start) == (start + 0.05, 0.0)  # the root never straggles
+    master = sim.Stragglers(sim.StragglerSpec.default("heavy"), 13, {0: 0.0, **{r: 0.05 for r in range(1, 13)}}, seed=3)
+    assert 0 not in {r for r, _, _ in master.episodes(60.0)}  # a rank that computes nothing (GC's master) never
 
 
 def test_paper_and_shiftexp_models():
     comp = {r: 0.1 for r in range(7)}
     p = sim.Stragglers(sim.StragglerSpec.default("paper"), 7, comp, seed=0)
     (slow,) = p.fixed
-    assert slow != 0 and p.finish(slow, 5, 1.0) == (pytest.approx(1.4), pytest.approx(0.3))
+    assert p.finish(slow, 5, 1.0) == (pytest.approx(1.4), pytest.approx(0.3))
+    assert 0 in {next(iter(sim.Stragglers(sim.StragglerSpec.default("paper"), 7, comp, seed=s).fixed))
+                 for s in range(40)}  # rank 0 is drawn like any other
     e = sim.Stragglers(sim.StragglerSpec.default("shiftexp"), 7, comp, seed=0)
     d = [e.finish(3, k, 0.0)[1] for k in range(400)]
     assert d == [e.finish(3, k, 0.0)[1] for k in range(400)] and 0.07 < np.mean(d) < 0.13
@@ -147,7 +150,7 @@ def test_workload_layouts_match_the_sampler():
     from lightning_codedreduce.sampler import CodedReduceBatchSampler
 
     for sc in default_schemes(13):
-        lay = layout(sc, 13, 64)
+        lay = layout(sc, 13, 64, "per-rank")
         assert max(lay.samples(r) for r in range(13)) == 64
         if sc.kind == "gc":
             assert lay.samples(0) == 0 and lay.redundancy == pytest.approx(2.0)
@@ -158,7 +161,7 @@ def test_workload_layouts_match_the_sampler():
     sampler = CodedReduceBatchSampler(1000, plan, 4, B, seed=5)
     sampler.set_epoch(0)
     want = [list(b) for _, b in zip(range(8), iter(sampler))]  # crosses an epoch boundary? (1000/192 -> 6 steps)
-    lay = layout(Scheme("x", "coded", 3, 1), 7, 64)
+    lay = layout(Scheme("x", "coded", 3, 1), 7, 64, "per-rank")
     for step, idx in enumerate(want):
         assert list(global_batch(1000, B, 5, step)[lay.positions[4]]) == idx
 
@@ -255,3 +258,58 @@ def test_loopback_fallback_is_marked(tmp_path):
     assert res["meta"]["network"]["mode"] == "loopback"
     assert res["cells"] and all(m["network"] == "loopback" for m in res["cells"])
     assert "network: **loopback**" in (tmp_path / "results.md").read_text()
+
+
+def test_persistent_slow_models_and_the_speeds_they_imply():
+    comp = {r: 0.1 for r in range(7)}
+    slow = sim.Stragglers(sim.StragglerSpec.default("slow"), 7, comp, seed=2)
+    (r,) = slow.fixed
+    assert all(slow.finish(r, k, 0.0) == (pytest.approx(0.2), pytest.approx(0.1)) for k in range(5))  # 2x, every step
+    assert all(slow.finish(q, 3, 0.0)[1] == 0.0 for q in range(7) if q != r)
+    assert sim.persistent_speeds(sim.StragglerSpec.default("slow"), 7, seed=2) == [0.5 if q == r else 1.0 for q in range(7)]
+    root = sim.Stragglers(sim.StragglerSpec.default("slowroot"), 7, comp, seed=0)
+    assert root.fixed == {0} and root.finish(0, 0, 1.0) == (pytest.approx(1.3), pytest.approx(0.2))  # 3x
+    assert sim.persistent_speeds(sim.StragglerSpec.default("slowroot"), 4, seed=0) == pytest.approx([1 / 3, 1, 1, 1])
+    assert sim.persistent_speeds(sim.StragglerSpec.default("heavy"), 4, seed=0) == [1.0] * 4
+
+
+def test_blog_model_sleeps_rarely_and_long_on_every_rank():
+    comp = {r: 0.1 for r in range(8)}
+    b = sim.Stragglers(sim.StragglerSpec.default("blog"), 8, comp, seed=0)
+    delays = np.array([[b.finish(r, k, 0.0)[1] for k in range(500)] for r in range(8)])
+    assert set(np.round(np.unique(delays), 9)) == {0.0, 1.8}  # 18x compute, or nothing
+    assert 0.004 < (delays > 0).mean() < 0.02 and (delays[0] > 0).any()  # about 1 % of steps, rank 0 too
+    assert (delays == np.array([[b.finish(r, k, 0.0)[1] for k in range(500)] for r in range(8)])).all()
+
+
+def test_same_global_batch_layouts_and_prop_scheme():
+    """--batch global: every scheme trains on DDP's global batch; a coded rank computes about R x the per-rank
+    batch. prop_s0 exists only where the regime has persistently slow ranks, and gives them smaller shares."""
+    schemes = {s.name: s for s in default_schemes(7, sim.StragglerSpec.default("slow"), seed=2)}
+    assert "prop_s0" not in {s.name for s in default_schemes(7, sim.StragglerSpec.default("heavy"))}
+    for s in schemes.values():
+        if s.kind == "horovod":
+            continue
+        lay = layout(s, 7, 32, "global")
+        assert lay.global_batch == 7 * 32
+        assert sum(lay.samples(r) for r in range(7)) == pytest.approx(lay.redundancy * 7 * 32, abs=7)
+    (slow,) = [r for r, v in enumerate(schemes["prop_s0"].speeds) if v < 1]
+    prop = layout(schemes["prop_s0"], 7, 32, "global")
+    assert prop.samples(slow) < min(prop.samples(r) for r in range(7) if r != slow)
+    assert layout(schemes["cr_n3_s1"], 7, 32, "per-rank").global_batch < 7 * 32
+    with pytest.raises(ValueError, match="unknown batch mode"):
+        layout(schemes["ddp"], 7, 32, "local")
+
+
+def test_crossover_map_picks_by_regime(tmp_path):
+    from benchmarks import crossover
+
+    rows = {r["stragglers"]: r for r in crossover.crossover((7,), ("none", "slow", "heavy"), steps=12)}
+    assert rows["none"]["best"].endswith("s=0") and "prop" not in rows["none"]["best"]  # no redundancy to pay for
+    slow = rows["slow"]["step_s"]
+    assert slow["balanced prop s=0"] < slow["balanced s=0"] and rows["slow"]["best_vs_ddp"] > 1.3  # smaller share
+    heavy = rows["heavy"]
+    assert heavy["R"][heavy["best"]] > 1.5 and heavy["best_vs_ddp"] > 3  # coding pays under heavy stalls
+    assert crossover.main(["--worlds", "4", "--regimes", "none", "heavy", "--msg-mb", "1", "--steps", "6",
+                           "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "crossover_1MiB.png").stat().st_size > 5000 and "| heavy | 4 |" in (tmp_path / "crossover.md").read_text()
