@@ -156,9 +156,11 @@ class Link:
         while True:
             if self.before_receive is not None:
                 self.before_receive()  # back-pressure: the owner may hold us while it is full
-            while self._credit is not None and not self._credit.acquire(timeout=0.2):
+            credit = self._credit  # (stop_flow_control may drop it while we wait)
+            while credit is not None and not credit.acquire(timeout=0.2):
                 if self.closed.is_set():
                     return
+                credit = self._credit
             try:
                 if posted is not None:
                     raw, work = posted
@@ -259,7 +261,8 @@ class Link:
         """The owner stops handling frames (closing): let the receiver read on, up to the peer's BYE."""
         credit, self._credit = self._credit, None
         if credit is not None:
-            credit.release(1 << 20)
+            credit.release()  # wakes a receiver waiting for credit; it then finds none to wait for
+            # (release(n) notifies n times: a large n took seconds per link)
 
     def wait_peer_closed(self, timeout: float) -> bool:
         """Wait (bounded) until the peer closed its side; ``False`` if it did not within ``timeout``."""
