@@ -42,7 +42,7 @@ from .plan.layout import chunk_bounds
 from .plan.tree import Node, parts_lp
 
 __all__ = ["MasterWorkerPlan", "NetworkModel", "SimResult", "StragglerSpec", "Stragglers", "simulate",
-           "paper_table", "sweep", "ring_time", "Topology"]
+           "paper_table", "sweep", "ring_time", "step_time", "Topology"]
 
 
 # ---------------------------------------------------------------------------- GC as a plan
@@ -397,6 +397,9 @@ def _balanced_step(topo: Topology, local: list[float], msg_bytes: float, net: Ne
     plan = topo.plan
     if W == 1:
         return [local[0]], (0, local[0])
+    if plan.stragglers == 0:  # no straggler to skip: the engine sums with gloo's ring all-reduce
+        done = max(local) + ring_time(W, msg_bytes, net)
+        return [done] * W, (W, max(local))
     chunks = len(_chunk_count(plan, msg_bytes))
     per_owner = math.ceil(chunks / W)
     spread = (W - 1) * msg_bytes / W * 8 / net.bandwidth_bps  # a host's (W-1)/W of the gradient at full rate
@@ -414,6 +417,14 @@ def _balanced_step(topo: Topology, local: list[float], msg_bytes: float, net: Ne
     done = max(reduced)
     result = [done + net.latency_s + spread + cpu] * W if done < math.inf else [math.inf] * W
     return result, (len(groups), done)
+
+
+def step_time(topo: Topology, local: list[float], msg_bytes: float, net: NetworkModel) -> float:
+    """Seconds until every rank has one step's result, given when each rank's gradient is ready (``local``):
+    the plan's layout, one step on its own (no catch-up across steps). ``inf`` when it cannot decode."""
+    step = _balanced_step if topo.plan.balanced is not None else _tree_step
+    result, _ = step(topo, local, msg_bytes, net)
+    return max(result)
 
 
 def _chunk_count(plan, msg_bytes: float) -> list[tuple[int, int]]:

@@ -89,6 +89,9 @@ class CodedReducer:
         self._events: queue.Queue = queue.Queue()
         self._board = ResultBoard(start_step, max_backlog_bytes)
         self._begun: tuple[int, torch.Tensor] | None = None  # (step, buffer) between begin() and finish()
+        # s=0 in the balanced layout skips no straggler (every rank's share is needed): gloo's ring all-reduce,
+        # DDP's own, does the sum in the caller's thread; the links stay for the control collectives
+        self._ring = plan.balanced is not None and plan.stragglers == 0 and transport == "gloo"
         hb = max(0.05, timeout / 10)
         groups = link_groups(plan, self.rank, group, timeout, transport)
         device = torch.device("cuda", torch.cuda.current_device()) if transport == "nccl" else None
@@ -143,7 +146,10 @@ class CodedReducer:
         flat = tensors[0].detach().view(-1) if zero_copy else (
             torch.cat([t.detach().reshape(-1).cpu() for t in tensors]) if len(tensors) > 1
             else tensors[0].detach().reshape(-1).to("cpu", copy=True))
-        self._events.put(LocalReady(step, flat, time.monotonic(), in_place=zero_copy))
+        if self._ring:
+            self._all_reduce(step, flat)
+        else:
+            self._events.put(LocalReady(step, flat, time.monotonic(), in_place=zero_copy))
         out = self.result(step)
         if in_place:
             target = tensors[0].detach().view(-1)
@@ -171,12 +177,12 @@ class CodedReducer:
             raise ValueError("begin(step, flat) needs one flat, contiguous CPU tensor")
         self._raise_if_failed()
         self._begun = (step, flat)
-        if self.plan.balanced is not None:
+        if self.plan.balanced is not None and not self._ring:
             self._events.put(LocalReady(step, flat.detach(), time.monotonic(), in_place=True, partial=True))
 
     def filled(self, step: int, lo: int, hi: int) -> None:
         """``flat[lo:hi]`` of the buffer given to :meth:`begin` is written and will not change."""
-        if self.plan.balanced is not None:
+        if self.plan.balanced is not None and not self._ring:
             self._events.put(LocalFilled(step, lo, hi))
 
     def finish(self, step: int) -> torch.Tensor:
@@ -185,13 +191,24 @@ class CodedReducer:
         if begun is None or begun[0] != step:
             raise ValueError(f"finish(step={step}) without begin(step={step}, flat)")
         flat = begun[1]
-        if self.plan.balanced is None:
+        if self.plan.balanced is None or self._ring:
             return self.reduce(step, flat, in_place=True)
         self._events.put(LocalFilled(step))
         out = self.result(step)
         if out.data_ptr() != flat.data_ptr():  # reduced without us, in a buffer of the protocol's
             flat.copy_(out)
         return flat
+
+    def _all_reduce(self, step: int, flat: torch.Tensor) -> None:
+        """The ring's sum of ``step`` into ``flat``, published as the protocol publishes its results."""
+        try:
+            dist.all_reduce(flat, group=self.group)
+        except RuntimeError as err:  # a peer died or the group broke: with s=0 every rank is needed
+            error = CodedReduceError(f"the all-reduce of step {step} failed ({err}); with stragglers=0 every rank "
+                                     "is needed")
+            self._board.fail(error)
+            raise error from err
+        self._board.publish(step, flat)
 
     def _check_step(self, step: int, what: str) -> None:
         if step != self.next_step:
@@ -260,6 +277,11 @@ class CodedReducer:
     def finished_stats(self):
         """Statistics of finished steps (a bounded deque of ``StepStats``)."""
         return self._protocol.finished_stats
+
+    @property
+    def tracks_steps(self) -> bool:
+        """Whether ``stats`` has a record of every step (not when gloo's all-reduce sums: stragglers=0, balanced)."""
+        return not self._ring
 
     def stats(self) -> list[StepStats]:
         """Every step's statistics, finished ones and those still in flight, by step."""

@@ -12,6 +12,9 @@ gradient is cut into chunks, and chunk ``c`` is owned by rank ``c mod W``:
    is in, sums them in group order (reproducible bits) and sends the reduced chunk to every rank;
 3. a rank's result is complete when every owner's chunks have arrived.
 
+With ``stragglers=0`` no straggler can be skipped, so the engine sums with gloo's ring all-reduce (DDP's
+own) instead; the allocation (one group per rank, shares by speed) is the same.
+
 Each rank's link carries about ``2 (W-1)/W`` gradients in and out per step, as ring all-reduce does,
 and chunks are decoded and forwarded one by one, so memory for peers' messages is a few chunks. A
 rank whose compute is slow is not waited for (its group has another member) and still serves its
