@@ -29,8 +29,10 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.workloads import (  # noqa: E402
-    WORKLOADS, Scheme, StragglerSpec, Stragglers, build_model, global_batch, layout, per_sample_loss, scheme_plan)
-from lightning_codedreduce.engine import CodedReducer  # noqa: E402
+    ADAPT_EVERY, WORKLOADS, Scheme, StragglerSpec, Stragglers, build_model, global_batch, layout, per_sample_loss,
+    scheme_plan)
+from lightning_codedreduce.adapt import PlanAdvisor  # noqa: E402
+from lightning_codedreduce.engine import AdaptiveReducer, CodedReducer  # noqa: E402
 from lightning_codedreduce.engine.transport import TAG  # noqa: E402
 
 
@@ -120,6 +122,21 @@ class HvdComm:
         self.hvd.shutdown()
 
 
+def adaptive_reducer(plan, global_batch: int, message_bytes: int, timeout: float, tag: int) -> AdaptiveReducer:
+    """The auto scheme's reducer: each plan's on a private gloo group (opened collectively at a switch)."""
+    advisor = PlanAdvisor(plan.world_size, branching=plan.branching, layouts=("tree", "balanced"),
+                          chunk_bytes=plan.chunk_bytes, message_bytes=message_bytes, global_batch=global_batch)
+    return AdaptiveReducer(plan, advisor, lambda p, start: CodedReducer(
+        p, timeout=timeout, start_step=start, tag=tag, group=dist.new_group(backend="gloo")), every=ADAPT_EVERY)
+
+
+def shares(plan, rank: int, global_batch: int) -> tuple[np.ndarray, torch.Tensor]:
+    """This rank's positions of the global batch under ``plan`` and their code weights."""
+    shards = plan.shards(rank, global_batch) if any(plan.allocation(global_batch)[rank]) else []
+    pos = np.array([p for sh in shards for p in range(sh.start, sh.stop)], dtype=np.int64)
+    return pos, torch.tensor([sh.weight for sh in shards for _ in range(len(sh))], dtype=torch.float32)
+
+
 def run_cell(cell: dict, comm, data: dict, cfg: dict, index: int) -> dict:
     rank, world = comm.rank, comm.world
     name = cell["workload"]
@@ -142,10 +159,13 @@ def run_cell(cell: dict, comm, data: dict, cfg: dict, index: int) -> dict:
     if scheme.kind == "horovod":
         hvd = cfg["_hvd"].hvd
         opt = hvd.DistributedOptimizer(opt, named_parameters=[(f"c{index}.{k}", p) for k, p in model.named_parameters()])
+    elif scheme.adaptive:
+        reducer = adaptive_reducer(scheme_plan(scheme, world), B, numel * 4, cfg["engine_timeout"], TAG + 1 + index)
     elif coded:
         reducer = CodedReducer(scheme_plan(scheme, world), timeout=cfg["engine_timeout"], tag=TAG + 1 + index)
     pos = np.asarray(lay.positions[rank], dtype=np.int64)
     weights = torch.tensor(lay.weights[rank], dtype=torch.float32)
+    base0 = compute_s[rank]  # the straggler model's delays are multiples of this (heavy: of wall-clock time)
     zeros = [torch.zeros_like(p) for p in params]
     comm.barrier()
     t0 = comm.bcast(time.monotonic() + 0.3)
@@ -157,6 +177,12 @@ def run_cell(cell: dict, comm, data: dict, cfg: dict, index: int) -> dict:
     recs = []
     for step in range(steps):
         rec = {"step": step}
+        base = base0
+        if scheme.adaptive:  # this step's plan: its shares, and compute in proportion
+            reducer.begin(step)
+            pos, weights = shares(reducer.plan, rank, B)
+            base = cfg["compute_s"][name] * pos.size / wl["per_rank_batch"]
+            rec["R"] = reducer.plan.redundancy
         if reducer is not None and reducer.ready(step):  # reduced without us: apply, don't compute
             rec["t_in"] = time.monotonic()
             grads = torch.split(reducer.result(step), [p.numel() for p in params])
@@ -164,7 +190,10 @@ def run_cell(cell: dict, comm, data: dict, cfg: dict, index: int) -> dict:
             rec["t_out"] = time.monotonic()
         else:
             start = time.monotonic()
-            end, stall = strag.finish(rank, step, start)
+            _, stall = strag.finish(rank, step, start)
+            if spec.name != "heavy" and base0 > 0:
+                stall *= base / base0  # a slow rank is slow per sample: a smaller share, a shorter delay
+            end = start + base + stall
             sleep_until(end - (ema or 0.0))
             c0 = time.monotonic()
             opt.zero_grad()
@@ -189,6 +218,8 @@ def run_cell(cell: dict, comm, data: dict, cfg: dict, index: int) -> dict:
                 grads = None
                 opt.synchronize()  # Horovod: wait for the allreduces started in backward (averaged)
             rec["t_out"] = time.monotonic()
+        if scheme.adaptive:
+            reducer.end(step, rec["c1"] - rec["start"] if "c1" in rec else None, int(pos.size))
         if scheme.kind == "horovod":
             with opt.skip_synchronize():
                 opt.step()
@@ -202,8 +233,11 @@ def run_cell(cell: dict, comm, data: dict, cfg: dict, index: int) -> dict:
     rx1, tx1 = net_bytes()
     engine = []
     drained = 0
+    decisions: list[dict] = []  # the auto scheme's plan switches
     if reducer is not None:
         reducer.close()
+        decisions = reducer.decisions if scheme.adaptive else []
+        reducer = reducer.reducer if scheme.adaptive else reducer  # (its stats: the last plan's steps)
         drained = reducer.drained
         stats = reducer.stats()
         for s in stats:
@@ -213,7 +247,7 @@ def run_cell(cell: dict, comm, data: dict, cfg: dict, index: int) -> dict:
     out = {"rank": rank, "world": world, "cell": cell["id"], "t0": t0, "global_batch": B, "samples": int(pos.size),
            "compute_s": compute_s[rank], "numel": numel, "records": recs, "engine": engine, "drained": drained,
            "checksum": checksum, "cpu_s": time.process_time() - cpu0,
-           "rx_bytes": rx1 - rx0, "tx_bytes": tx1 - tx0,
+           "rx_bytes": rx1 - rx0, "tx_bytes": tx1 - tx0, "decisions": decisions,
            "heavy_episodes": [list(e) for e in strag.episodes(recs[-1]["t_done"])] if spec.name == "heavy" and rank == 0 else []}
     comm.barrier()  # everyone finished (lagging ranks caught up) before the next cell starts
     return out

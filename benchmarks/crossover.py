@@ -46,7 +46,8 @@ def candidates(world: int, spec: sim.StragglerSpec, seed: int) -> dict[str, obje
 
 
 def crossover(worlds=WORLDS, regimes=REGIMES, *, msg_bytes: float = 2 ** 20, per_rank_batch: int = 32,
-              compute_s: float = 0.06, net: sim.NetworkModel | None = None, steps: int = 40, seed: int = 0) -> list[dict]:
+              compute_s: float = 0.06, net: sim.NetworkModel | None = None, steps: int = 40,
+              seed: int = 0) -> list[dict]:
     """One row per (regime, W): every scheme's simulated mean step (s) and R, and the best scheme."""
     net = net or sim.NetworkModel()
     rows = []

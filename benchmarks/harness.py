@@ -50,7 +50,7 @@ def horovod_status(python: str) -> tuple[bool, str]:
 
 
 def plan_cells(world: int, workloads: list[str], stragglers: list[str], schemes: list[str] | None,
-               steps: dict[str, int], horovod: bool, batch: str = "global", seed: int = 0) -> list[dict]:
+               steps: dict[str, int], horovod: bool, batch: str = "global", seed: int = 0, quick: bool = False) -> list[dict]:
     """Cells in run order: for each workload and straggler model, every scheme back to back."""
     cells = []
     for name in workloads:
@@ -59,6 +59,8 @@ def plan_cells(world: int, workloads: list[str], stragglers: list[str], schemes:
             for sc in default_schemes(world, spec, seed):
                 if schemes and sc.name not in schemes and sc.kind not in schemes:
                     continue
+                if not schemes and sc.name in ("auto", "prop_s0", "crb_s2") and quick:
+                    continue  # quick mode: the paper's schemes and the baselines only
                 if sc.kind == "horovod" and not horovod:
                     continue
                 cells.append({"id": f"W{world}-{name}-{model}-{sc.name}", "world": world, "workload": name,
@@ -223,7 +225,7 @@ def main(argv=None) -> int:
     (raw / "meta.json").write_text(json.dumps(meta))  # lets --analyse-only redo the analysis of these runs
     for world in args.worlds:
         cells = plan_cells(world, args.workloads, args.stragglers, args.schemes, args.steps_by, hvd_ok, args.batch,
-                           args.seed)
+                           args.seed, args.quick)
         run_world(world, cells, args, data, raw / f"W{world}", net_mode, hvd_launcher)
     return finish(args, raw, meta, out, t_start)
 

@@ -73,6 +73,9 @@ def cell_metrics(ranks: list[dict], cfg: dict) -> dict:
     if scheme.kind in ("coded", "gc"):
         plan = scheme_plan(scheme, cfg["world"])
         m["R"] = plan.redundancy
+        if scheme.adaptive:  # the plan changed: the mean R over the measured steps, and what was decided
+            m["R"] = _mean(rec["R"] for rec in r0["records"][w:] if "R" in rec)
+            m["decisions"] = r0.get("decisions", [])
         stats = {rk["rank"]: {e["step"]: e for e in rk["engine"]} for rk in ranks}
         hops, decode, root_wait, down = [], [], [], []
         for step in range(w, S):

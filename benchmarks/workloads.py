@@ -20,6 +20,10 @@ rank then computes about ``R x per_rank_batch`` samples. ``per-rank`` gives ever
 ``capacity x per_rank_batch`` (= computing ranks / R), so equal compute per rank compares the layouts on
 communication alone.
 
+``auto`` is ``stragglers="auto"`` (``AdaptiveReducer``) as the strategy runs it: it starts uncoded in the balanced
+layout and switches plans (either layout, s = 0 with or without speeds, 1, 2) every ``ADAPT_EVERY`` steps by the
+advisor's prediction (``lightning_codedreduce/adapt.py``).
+
 ``prop_s0`` is the uncoded tree with speed-proportional loads: the straggler model's persistently slow
 ranks (``slow``, ``slowroot``, ``paper``) get ``speeds=`` as a user who measured them would pass.
 """
@@ -36,6 +40,7 @@ from lightning_codedreduce.sim import (STRAGGLER_MODELS, MasterWorkerPlan, Strag
                                        persistent_speeds)
 
 BATCH_MODES = ("global", "per-rank")
+ADAPT_EVERY = 5  # the auto scheme's steps between decisions (short cells: 25 steps)
 
 # ---------------------------------------------------------------------------- workloads
 WORKLOADS = {
@@ -146,9 +151,12 @@ class Scheme:
     stragglers: int = 0
     layout: str = "tree"  # coded: the plan's layout (tree | balanced)
     speeds: tuple[float, ...] | None = None  # coded: speed-proportional loads (CodedReducePlan(speeds=))
+    adaptive: bool = False  # coded: stragglers="auto" (AdaptiveReducer; starts at this plan)
 
     @property
     def label(self) -> str:
+        if self.adaptive:
+            return f"auto ({self.layout}, n={self.branching})"
         if self.kind == "coded" and self.speeds is not None:
             return f"speed-proportional tree n={self.branching} s={self.stragglers}"
         if self.kind == "coded" and self.layout == "balanced":
@@ -165,14 +173,16 @@ def default_schemes(world: int, straggler: StragglerSpec | None = None, seed: in
     ``persistent_speeds``; the worker seeds its straggler model with the same ``seed``). Where no rank is
     persistently slow ``prop_s0`` is ``tree_n3_s0`` and is left out."""
     flat = world - 1
-    out = [Scheme("cr_n3_s1", "coded", 3, 1), Scheme("crb_s1", "coded", 3, 1, "balanced")]
+    out = [Scheme("cr_n3_s1", "coded", 3, 1), Scheme("crb_s1", "coded", 3, 1, "balanced"),
+           Scheme("crb_s2", "coded", 3, 2, "balanced")]
     if flat != 3:
         out.append(Scheme(f"cr_flat_n{flat}_s1", "coded", flat, 1))
     speeds = persistent_speeds(straggler or StragglerSpec("none"), world, seed)
     out.append(Scheme("tree_n3_s0", "coded", 3, 0))
     if set(speeds) != {1.0}:
         out.append(Scheme("prop_s0", "coded", 3, 0, speeds=tuple(speeds)))
-    out += [Scheme("ddp", "allreduce"), Scheme("gc_s1", "gc", flat, 1), Scheme("horovod", "horovod")]
+    out += [Scheme("auto", "coded", 3, 0, "balanced", adaptive=True),
+            Scheme("ddp", "allreduce"), Scheme("gc_s1", "gc", flat, 1), Scheme("horovod", "horovod")]
     return out
 
 

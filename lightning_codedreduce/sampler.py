@@ -12,7 +12,8 @@ Two ways to cut an epoch into global batches:
   block is padded by wrapping around (``drop_last=False``) or dropped.
 
 At every step a rank yields the dataset indices at the block positions ``plan.shards(rank, B_t)``
-lists, in shard order. :meth:`pieces` cuts them into runs a rank can run through the model at once:
+lists, in shard order. The plan can change from a given (epoch, step) on (:meth:`switch_plan`,
+``stragglers="auto"``): the global batches stay the same, only who computes which of their samples changes. :meth:`pieces` cuts them into runs a rank can run through the model at once:
 equal code weight, at most ``per_rank_batch`` samples (so activation memory stays DDP's), cut at the
 boundaries of every rank's shards (so ranks that compute the same samples cut them the same way and
 get bitwise equal gradients), each marked with who counts its samples once (metrics) and how much
@@ -136,6 +137,7 @@ class CodedReduceBatchSampler(Sampler[list[int]]):
             else:
                 self.chunks.append((len(sh), sh.weight))
         self.uniform_weights: bool = all(sh.weight == 1.0 for sh in self.shards)  # this rank's
+        self._switches: list[tuple[tuple[int, int], CodedReducePlan]] = []  # (epoch, step) from which a plan holds
         self.epoch = 0
         self._step = 0  # next step to yield
         self._resume: int | None = None  # step loaded by load_state_dict, not yet iterated
@@ -182,13 +184,33 @@ class CodedReduceBatchSampler(Sampler[list[int]]):
         return [order[i % len(order)] for i in range(start, start + self.step_size(step))]
 
     # ---------------------------------------------------------------- this rank's share
-    def positions(self, step: int) -> list[int]:
-        """Positions of the global batch of ``step`` that this rank computes, in yielded order."""
-        return list(_rank_layout(self.plan, self.rank, self.step_size(step), self.per_rank_batch)[0])
+    def switch_plan(self, epoch: int, step: int, plan: CodedReducePlan) -> None:
+        """From ``step`` of ``epoch`` on, allocate by ``plan`` (same world size). Call it before the sampler
+        yields that step (a loader prefetches a few batches ahead)."""
+        if plan.world_size != self.plan.world_size:
+            raise ValueError(f"the new plan is for {plan.world_size} ranks, the sampler's for {self.plan.world_size}")
+        if (epoch, step) < (self.epoch, self._step):
+            raise ValueError(f"step {step} of epoch {epoch} was already yielded (the sampler is at step {self._step} "
+                             f"of epoch {self.epoch}): switch further ahead")
+        self._switches.append(((epoch, step), plan))
+        self._switches.sort(key=lambda s: s[0])
 
-    def pieces(self, step: int) -> tuple[Piece, ...]:
+    def plan_at(self, step: int, epoch: int | None = None) -> CodedReducePlan:
+        """The plan that allocates ``step`` of ``epoch`` (default: the current epoch)."""
+        at = (self.epoch if epoch is None else epoch, step)
+        plan = self.plan
+        for start, later in self._switches:
+            if start <= at:
+                plan = later
+        return plan
+
+    def positions(self, step: int, epoch: int | None = None) -> list[int]:
+        """Positions of the global batch of ``step`` that this rank computes, in yielded order."""
+        return list(_rank_layout(self.plan_at(step, epoch), self.rank, self.step_size(step), self.per_rank_batch)[0])
+
+    def pieces(self, step: int, epoch: int | None = None) -> tuple[Piece, ...]:
         """How this rank's batch of ``step`` is run through the model (see the module docstring)."""
-        return _rank_layout(self.plan, self.rank, self.step_size(step), self.per_rank_batch)[1]
+        return _rank_layout(self.plan_at(step, epoch), self.rank, self.step_size(step), self.per_rank_batch)[1]
 
     def __iter__(self) -> Iterator[list[int]]:
         start = self._resume if self._resume is not None else 0

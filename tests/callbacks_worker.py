@@ -46,6 +46,7 @@ def main():
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--delay", default="", help="rank:seconds[,rank:seconds...]")
     p.add_argument("--timeout", type=float, default=None, help="codedreduce: seconds before a silent peer is dead")
+    p.add_argument("--auto", action="store_true", help="codedreduce: stragglers='auto', a decision every 2 steps")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -58,6 +59,8 @@ def main():
     strategy = a.strategy
     if a.strategy == "codedreduce" and a.timeout is not None:
         strategy = strategy_class(pl.__name__)(timeout=a.timeout)
+    if a.auto:
+        strategy = strategy_class(pl.__name__)(stragglers="auto", adapt_every=2, adapt_patience=1)
     monitor = StragglerMonitor(plot=True, stale_s=5.0)
     trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=a.steps,
                          logger=CSVLogger(a.out, name="lg", version=0), log_every_n_steps=1,

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from lightning_codedreduce.engine import CodedReduceError, CodedReducer
+from lightning_codedreduce.adapt import PlanAdvisor
+from lightning_codedreduce.engine import AdaptiveReducer, CodedReduceError, CodedReducer
 from lightning_codedreduce.plan import CodedReducePlan
 
 
@@ -40,6 +41,8 @@ def main() -> None:
     p.add_argument("--chunk-bytes", type=int, default=1 << 20)
     p.add_argument("--parts", type=int, default=0,
                    help="hand the gradient in as it is written: begin(), this many ranges in random order, finish()")
+    p.add_argument("--adaptive", type=int, default=0,
+                   help="stragglers='auto' (AdaptiveReducer): a decision round every this many steps")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -59,7 +62,13 @@ def main() -> None:
     slow_rank, slow_factor = a.slow.split(":") if a.slow else (-1, 1)
     out = {"rank": rank, "hashes": [], "errors": [], "applied_at": [], "skipped": [], "backlog": [],
            "fingerprint": plan.fingerprint(), "error": None}
-    reducer = CodedReducer(plan, timeout=a.timeout)
+    if a.adaptive:  # the plan follows the advisor; every reducer on a private gloo group, opened collectively
+        advisor = PlanAdvisor(world, branching=a.n, layouts=(a.layout,), chunk_bytes=a.chunk_bytes, message_bytes=a.dim * 4,
+                              global_batch=batch, patience=1)
+        reducer = AdaptiveReducer(plan, advisor, lambda p, start: CodedReducer(
+            p, timeout=a.timeout, start_step=start, group=dist.new_group(backend="gloo")), every=a.adaptive)
+    else:
+        reducer = CodedReducer(plan, timeout=a.timeout)
     path = os.path.join(a.out, f"rank{rank}.json")
     code = 0
     try:
@@ -68,10 +77,15 @@ def main() -> None:
                 open(os.path.join(a.out, f"rank{rank}.at5"), "w").close()
             perm = np.random.default_rng(step // 3).permutation(n_data)  # a new "epoch" every 3 steps
             idx = perm[(step % 3) * batch:(step % 3 + 1) * batch]
+            compute = None
+            if a.adaptive:
+                reducer.begin(step)
+                shards = reducer.plan.shards(rank, batch)
             if reducer.ready(step):
                 result = reducer.result(step)
                 out["skipped"].append(step)
             else:
+                t0 = time.monotonic()
                 delay = a.compute * (float(slow_factor) if rank == int(slow_rank) else 1.0)
                 delay += a.jitter * delay_rng.random()
                 pause = float(sleep_secs) if rank == int(sleep_rank) and step == int(sleep_step) else 0.0
@@ -89,8 +103,11 @@ def main() -> None:
                     result, paused = handed_in_by_parts(reducer, step, local, a.parts, delay_rng, pause)
                     out["sleep"] = paused or out.get("sleep")
                 else:
+                    compute = time.monotonic() - t0
                     result = reducer.reduce(step, local, in_place=a.in_place)
-                out["backlog"].append(reducer.backlog_steps)
+                out["backlog"].append(engine(reducer).backlog_steps)
+            if a.adaptive:
+                reducer.end(step, compute, sum(map(len, shards)))
             th64 = theta.double().numpy()
             xs, ys = X[idx], Y[idx]
             ref = ((xs @ th64 - ys)[:, None] * xs).sum(0)
@@ -112,16 +129,23 @@ def main() -> None:
         out["error_at"] = time.time()
         code = 3
     out["theta"] = hashlib.sha1(theta.numpy().tobytes()).hexdigest()
-    out["max_buffered"] = reducer.max_buffered
-    out["drained"] = reducer.drained
-    out["dead"] = {str(k): v for k, v in reducer.dead.items()}
-    out["queued_frames"] = reducer.queued_frames
+    out["decisions"] = reducer.decisions if a.adaptive else []
+    inner = engine(reducer)
+    out["max_buffered"] = inner.max_buffered
+    out["drained"] = inner.drained
+    out["dead"] = {str(k): v for k, v in inner.dead.items()}
+    out["queued_frames"] = inner.queued_frames
     with open(path + ".tmp", "w") as f:
         json.dump(out, f)
     os.replace(path + ".tmp", path)
     reducer.close()
     sys.stdout.flush()
     os._exit(code)  # never hang in process-group teardown when a peer is gone
+
+
+def engine(reducer) -> CodedReducer:
+    """The CodedReducer doing the work (an AdaptiveReducer's current one)."""
+    return reducer.reducer if isinstance(reducer, AdaptiveReducer) else reducer
 
 
 def handed_in_by_parts(reducer: CodedReducer, step: int, local: torch.Tensor, parts: int,

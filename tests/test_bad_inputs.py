@@ -45,6 +45,10 @@ CONFIG_CASES = [
     (dict(transport="mpi"), ValueError, r"unknown transport 'mpi'; choose one of 'gloo', 'nccl'"),
     (dict(speeds="fast"), ValueError, r"speeds must be a list of relative speeds, one per rank.*e\.g\. speeds=\["),
     (dict(speeds=[1, -1]), ValueError, r"speeds must be positive and finite, got -1\.0 for rank 1"),
+    (dict(stragglers="Auto"), ValueError, r"stragglers must be an integer >= 0 or 'auto'"),
+    (dict(stragglers="auto", adapt_every=0), ValueError, r"adapt_every must be >= 1.*e\.g\. 50"),
+    (dict(stragglers="auto", adapt_patience=0), ValueError, r"adapt_patience must be >= 1"),
+    (dict(stragglers="auto", speeds=[1, 1]), ValueError, r"stragglers='auto' measures the ranks' speeds itself"),
 ]
 
 
@@ -52,7 +56,8 @@ CONFIG_CASES = [
     "branching_too_small", "branching_str", "branching_float", "stragglers_negative", "stragglers_bool",
     "stragglers_not_below_branching", "unknown_code", "seed_negative", "timeout_zero", "timeout_nan", "timeout_inf",
     "timeout_str", "global_batch_zero", "global_batch_float", "global_batch_bool", "ddp_comm_hook",
-    "unknown_transport", "speeds_str", "speeds_negative"])
+    "unknown_transport", "speeds_str", "speeds_negative", "auto_misspelt", "adapt_every_zero", "adapt_patience_zero",
+    "auto_with_speeds"])
 def test_bad_option(kwargs, exc, message):
     from lightning_codedreduce import CodedReduceStrategy
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import json
 import signal
 import time
 from types import SimpleNamespace
@@ -206,6 +207,9 @@ def test_summary_merge_and_plot_from_files(tmp_path):
     png = plot_stragglers(tmp_path / "all.csv", tmp_path / "p.png")
     with open(png, "rb") as f:
         assert f.read(8) == PNG_MAGIC
+    switch = {"step": 1, "effective_step": 4, "plan": "s=1", "redundancy": 2.0, "reason": "s=1 predicted 3x faster"}
+    assert "from step 4: s=1 (R 2.00): s=1 predicted 3x faster" in format_summary(summary, decisions=[switch])
+    assert plot_stragglers(tmp_path / "all.csv", tmp_path / "q.png", decisions=[switch])
 
 
 # ------------------------------------------------------------------------------------------ real runs
@@ -253,6 +257,26 @@ def test_monitor_on_a_codedreduce_run_names_the_delayed_rank(tmp_path):
     with open(tmp_path / "lg" / "version_0" / "metrics.csv") as f:
         columns = next(csv.reader(f))
     assert {"straggler/wait_s", "straggler/saved_s", "straggler/dropped", "straggler/compute_s"} <= set(columns)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_monitor_shows_the_plan_switches_of_auto(tmp_path):
+    """stragglers="auto" switches the plan (and the reducer) while training: no row is lost across a switch, and the
+    decisions reach the summary, plan_decisions.json, the plot and the Lightning logger."""
+    steps = 12
+    run = launch("callbacks_worker.py", 4, ["--auto", "--steps", str(steps), "--delay", "1:0.2"], tmp_path, timeout=150)
+    run.check()
+    d = tmp_path / "lg" / "version_0" / "stragglers"
+    for r in range(4):
+        assert sorted(int(x["step"]) for x in read_rows(d / f"rank{r}.csv")) == list(range(steps)), r
+    decisions = json.loads((d / "plan_decisions.json").read_text())
+    assert decisions and all(0 < x["effective_step"] - x["step"] <= 4 for x in decisions)
+    text = (d / "summary.txt").read_text()
+    assert f"from step {decisions[0]['effective_step']}: {decisions[0]['plan']}" in text
+    check_png(d / "stragglers.png")
+    with open(tmp_path / "lg" / "version_0" / "metrics.csv") as f:
+        assert {"codedreduce/stragglers", "codedreduce/predicted_gain"} <= set(next(csv.reader(f)))
 
 
 @pytest.mark.slow

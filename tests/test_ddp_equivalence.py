@@ -132,6 +132,7 @@ def fit(pl, out: Path, name: str, strategy: str, *, shuffle=True, drop_last=Fals
             "skipped": sum(r["skipped"] for r in getattr(trainer.strategy, "step_records", [])),
             "early_buckets": sum(r.get("early_buckets", 0) for r in getattr(trainer.strategy, "step_records", [])),
             "steps_per_epoch": trainer.num_training_batches,
+            "decisions": list(getattr(trainer.strategy, "plan_decisions", [])),
             "layout": getattr(getattr(trainer.strategy, "plan", None), "layout", None)}
 
 
@@ -159,6 +160,10 @@ def scenario(pl, out: Path, name: str) -> dict:
         return {"ddp": fit(pl, out, name, "ddp", **kw),
                 "codedreduce": fit(pl, out, name, "codedreduce", delay=(0, 0.5, 0.3), **kw,
                                    options=dict(layout="balanced", bucket_cap_mb=1e-6, speeds=slow_rank_speeds(0)))}
+    if name == "auto":  # stragglers="auto": rank 1 persistently slow; a decision every 2 steps switches plans mid-epoch
+        auto = dict(stragglers="auto", adapt_every=2, adapt_patience=1)
+        return {"ddp": fit(pl, out, name, "ddp", epochs=3),
+                "codedreduce": fit(pl, out, name, "codedreduce", epochs=3, delay=(1, 1.0, 0.15), options=auto)}
     if name == "stall_whole_epoch":
         return {"ddp": fit(pl, out, name, "ddp", checkpoint_every_step=False),
                 "codedreduce": fit(pl, out, name, "codedreduce", stall=(WORLD - 1, 1, 6.0), checkpoint_every_step=False)}
@@ -227,7 +232,7 @@ def _same_run(res: dict) -> float:
 
 WORLDS = (2, 3, 4, 5, 7, 8)
 GRID_NAMES = [grid_name(*g) for g in GRID]
-EXTRAS = {4: ["swa_batchnorm", "unused_weight_decay", "deterministic", "balanced"],
+EXTRAS = {4: ["swa_batchnorm", "unused_weight_decay", "deterministic", "balanced", "auto"],
           3: ["deterministic", "stall_whole_epoch"], 7: ["deterministic", "balanced"]}
 _JOBS: dict[int, Path] = {}
 
@@ -316,6 +321,23 @@ def test_balanced_layout_with_a_straggling_rank_0_is_ddps_run(job, world):
     # buckets were handed in by the hooks while backward ran, on the ranks that computed: a straggling rank
     # (rank 0 included) on a loaded machine may catch up through every step and compute none
     assert sum(r["codedreduce"]["early_buckets"] for r in ranks) > 0
+    _same_run(ranks[0])
+
+
+
+def test_auto_plan_switches_mid_epoch_and_trains_ddps_run(job):
+    """stragglers="auto" with a persistently slow rank: the plan changes mid-epoch (the sampler and the reducer at
+    the same agreed step), every sample of every epoch is counted exactly once, and the run is DDP's."""
+    ranks = [_result(job(4), "auto", r) for r in range(4)]
+    decisions = ranks[0]["codedreduce"]["decisions"]
+    assert decisions, "no plan switch with rank 1 sleeping 0.15 s every step"
+    assert all(r["codedreduce"]["decisions"] == decisions for r in ranks)  # every rank switched at the same steps
+    assert any(d["batch"] > 0 and d["applied"] for d in decisions), decisions  # one took effect inside an epoch
+    assert all(d["effective_step"] > d["step"] for d in decisions)
+    seen = {s: Counter(i for r in ranks for i in r[s]["seen"]) for s in ("ddp", "codedreduce")}
+    if not any(r["codedreduce"]["skipped"] for r in ranks):  # (a lagging rank counts none of a skipped step)
+        assert seen["codedreduce"] == seen["ddp"]
+    assert not seen["codedreduce"] - seen["ddp"]  # nothing counted twice
     _same_run(ranks[0])
 
 

@@ -34,6 +34,21 @@ def test_exact_under_random_delays(tmp_path, world, n, s):
     _assert_exact_and_identical(_results(run, range(world)))
 
 
+@pytest.mark.parametrize("layout", ["tree", "balanced"])
+def test_adaptive_reducer_switches_plans_and_stays_exact(tmp_path, layout):
+    """Plain PyTorch with stragglers="auto" (AdaptiveReducer): rank 2 computes 4x slower, so a decision round moves
+    off the uncoded plan; every rank switches at the same step and every step's sum is the float64 reference's."""
+    run = launch("engine_worker.py", 4, ["--s", "0", "--adaptive", "3", "--compute", "0.02", "--slow", "2:4",
+                                         "--steps", "15", "--layout", layout], tmp_path)
+    run.check()
+    res = _results(run, range(4))
+    decisions = res[0]["decisions"]
+    assert decisions and decisions[0]["applied"] and decisions[0]["effective_step"] == decisions[0]["step"] + 1
+    assert decisions[0]["stragglers"] >= 1 or decisions[0]["speeds"][2] < 0.5, decisions[0]
+    assert all(d["decisions"] == decisions for d in res.values())
+    _assert_exact_and_identical(res)
+
+
 def test_leaf_sleeping_20s_does_not_stop_the_others(tmp_path):
     # W=7, n=3, s=1: rank 6 is a leaf; it sleeps 20 s once at step 5
     run = launch("engine_worker.py", 7, ["--steps", "60", "--compute", "0.05", "--sleep-once", "6:5:20"], tmp_path)

@@ -26,7 +26,8 @@ written) where ``<dir>`` is ``dirpath`` or ``<trainer.log_dir>/stragglers``. Ran
 (``straggler/wait_s``, ``straggler/saved_s``, ``straggler/compute_s``, ``straggler/dropped`` ...) to every
 Lightning logger. At the end of ``fit`` rank 0 waits a bounded time for the other ranks' files -- no
 collective, so a dead rank cannot hang it -- merges what exists into ``<dir>/stragglers.csv``, prints a
-summary table (per rank: straggle count = times its parent dropped it, waits, time saved) and writes it to
+summary table (per rank: straggle count = times its parent dropped it, waits, time saved; under
+``stragglers="auto"`` also every plan switch and why, saved to ``<dir>/plan_decisions.json``) and writes it to
 ``<dir>/summary.txt``. :func:`plot_stragglers` draws a PNG from the merged (or any rank's) CSV.
 
 Rows are written a few steps behind training: a step's record in the reduce engine is final only once
@@ -35,13 +36,15 @@ later steps have been decoded.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import time
 from collections.abc import Sequence
 
 from ._clock import GradClock
-from .report import COLUMNS, _fmt, _ids, _num, _parse_ids, format_summary, merge_csv, plot_stragglers, read_rows, summarize
+from .report import (COLUMNS, DECISIONS_FILE, _fmt, _ids, _num, _parse_ids, format_summary, merge_csv, plot_stragglers,
+                     read_rows, summarize)
 
 try:
     from pytorch_lightning.callbacks import Callback
@@ -170,7 +173,8 @@ class StragglerMonitor(Callback):
             self._last_global_step = int(trainer.global_step)
             self._compute_acc, self._backwards = 0.0, 0
         reducer = getattr(strategy, "reducer", None)
-        if reducer is not None:
+        if reducer is not None and reducer is not self._reducer:
+            self._collect()  # stragglers="auto" switched the plan: the old reducer's finished steps first
             self._reducer = reducer
         self._collect()
         self._emit(trainer, final=False)
@@ -186,7 +190,8 @@ class StragglerMonitor(Callback):
         if own_measure and compute is not None:
             compute += injected  # our clock stops at the last gradient, before the injector's sleep
         self._pending[step] = {"step": step, "compute_s": compute, "skipped": bool(rec.get("skipped")),
-                               "time_s": now + self._clock_offset, "step_s": step_s, "injected_s": injected}
+                               "time_s": now + self._clock_offset, "step_s": step_s, "injected_s": injected,
+                               "plan": getattr(trainer.strategy, "plan", None) or self._plan}  # "auto" may switch
 
     def _collect(self) -> None:
         reducer = self._reducer
@@ -230,7 +235,7 @@ class StragglerMonitor(Callback):
                 self._stats[stat.step] = stat
 
     def _emit(self, trainer, final: bool) -> None:
-        has_engine = self._reducer is not None
+        has_engine = self._reducer is not None and getattr(self._reducer, "tracks_steps", True)
         now = time.monotonic()
         for step in sorted(self._pending):
             stat = self._stats.get(step)
@@ -251,7 +256,7 @@ class StragglerMonitor(Callback):
 
     def _row(self, rec: dict, stat, next_stat, now: float) -> dict:
         rank = self._rank
-        plan = self._plan
+        plan = rec.get("plan") or self._plan
         parent = plan.parent(rank) if plan is not None else None
         children = list(plan.children(rank)) if plan is not None else []
         row = {"rank": rank, "step": rec["step"], "time_s": _fmt(rec["time_s"], 4), "parent": "" if parent is None else parent,
@@ -329,7 +334,8 @@ class StragglerMonitor(Callback):
         if self._rank == 0 and self.csv_path is not None:
             # the strategy's agreement at the end of training may name a death that no step row saw
             dead = sorted(getattr(trainer.strategy, "known_dead", ()))
-            self._merge_and_report(self.merge_timeout, failed=False, dead=dead)
+            self._merge_and_report(self.merge_timeout, failed=False, dead=dead,
+                                   decisions=getattr(trainer.strategy, "plan_decisions", ()))
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._clock.detach()
@@ -364,7 +370,8 @@ class StragglerMonitor(Callback):
                 return missing
             time.sleep(0.1)
 
-    def _merge_and_report(self, timeout: float, failed: bool, dead: Sequence[int] = ()) -> None:
+    def _merge_and_report(self, timeout: float, failed: bool, dead: Sequence[int] = (),
+                          decisions: Sequence[dict] = ()) -> None:
         missing = self._wait_for_ranks(timeout)
         paths = [os.path.join(self._dir, f"rank{r}.csv") for r in range(self._world)]
         merge_csv([p for p in paths if os.path.exists(p)], self.merged_path)
@@ -381,7 +388,10 @@ class StragglerMonitor(Callback):
             shown = self.merged_path
         if shown.startswith(os.pardir):
             shown = self.merged_path
-        self.summary_text = format_summary(self.summary, title=f"straggler summary ({shown})", notes=note, dead=dead)
+        self.summary_text = format_summary(self.summary, title=f"straggler summary ({shown})", notes=note, dead=dead,
+                                           decisions=decisions)
+        with open(os.path.join(self._dir, DECISIONS_FILE), "w") as f:
+            json.dump(list(decisions), f, indent=1)
         with open(os.path.join(self._dir, "summary.txt"), "w") as f:
             f.write(self.summary_text + "\n")
         if self.print_summary:

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 from collections.abc import Iterable, Sequence
 
 COLUMNS = ("rank", "step", "time_s", "parent", "compute_s", "step_s", "injected_s", "skipped", "wait_s",
            "children", "used", "dropped", "late", "saved_s", "saved_is_lower_bound", "dead")
+DECISIONS_FILE = "plan_decisions.json"  # stragglers="auto"'s plan switches, next to the merged CSV
 
 
 def _ids(values: Iterable[int]) -> str:
@@ -111,10 +113,18 @@ def summarize(rows: Sequence[dict], world_size: int | None = None) -> list[dict]
     return result
 
 
+def format_decisions(decisions: Sequence[dict]) -> list[str]:
+    """``stragglers="auto"``'s plan switches, one line each (empty when there were none)."""
+    return [f"plan switch (stragglers='auto'): decided after step {d['step']}, from step {d['effective_step']}: "
+            f"{d['plan']} (R {d['redundancy']:.2f}): {d['reason']}"
+            + ("" if d.get("applied", True) else " (not applied: training ended first)") for d in decisions]
+
+
 def format_summary(summary: Sequence[dict], title: str = "straggler summary", notes: Sequence[str] = (),
-                   dead: Sequence[int] = ()) -> str:
+                   dead: Sequence[int] = (), decisions: Sequence[dict] = ()) -> str:
     """A plain-text table of :func:`summarize`'s output; ``dead``: ranks known dead besides those in the rows
-    (a death found only at the end of training has no row)."""
+    (a death found only at the end of training has no row); ``decisions``: ``stragglers="auto"``'s switches."""
+    notes = [*format_decisions(decisions), *notes]
     head = ("rank", "steps", "skipped", "compute", "injected", "straggled", "wait total", "wait max", "dropped",
             "saved")
     lines = []
@@ -148,8 +158,12 @@ def format_summary(summary: Sequence[dict], title: str = "straggler summary", no
     return "\n".join(out)
 
 
-def plot_stragglers(csv_path: str | os.PathLike, png_path: str | os.PathLike, title: str | None = None) -> str:
+def plot_stragglers(csv_path: str | os.PathLike, png_path: str | os.PathLike, title: str | None = None,
+                    decisions: Sequence[dict] | None = None) -> str:
     """Draw a PNG from a monitor CSV (merged or one rank's) and return its path.
+
+    ``decisions``: ``stragglers="auto"``'s plan switches, drawn as vertical lines at the step each took effect
+    (default: ``plan_decisions.json`` next to the CSV, when it exists).
 
     Top: per-rank compute time per step (grey: the rank skipped the step while catching up).
     Middle: per-rank status per step -- in time, dropped by its parent (a straggler for that step), skipped.
@@ -166,6 +180,9 @@ def plot_stragglers(csv_path: str | os.PathLike, png_path: str | os.PathLike, ti
     rows = read_rows(csv_path)
     if not rows:
         raise ValueError(f"{csv_path} has no rows to plot")
+    if decisions is None:
+        saved_decisions = os.path.join(os.path.dirname(os.path.abspath(csv_path)), DECISIONS_FILE)
+        decisions = json.loads(open(saved_decisions).read()) if os.path.exists(saved_decisions) else []
     ranks = sorted({int(r["rank"]) for r in rows} | {c for r in rows for c in _parse_ids(r["dropped"])})
     steps = sorted({int(r["step"]) for r in rows})
     ri = {r: i for i, r in enumerate(ranks)}
@@ -227,6 +244,13 @@ def plot_stragglers(csv_path: str | os.PathLike, png_path: str | os.PathLike, ti
     else:
         ax3.text(0.5, 0.5, "no tree reduce in this run (no per-child waits)", ha="center", va="center",
                  transform=ax3.transAxes)
+    for d in decisions:
+        if not d.get("applied", True) or d["effective_step"] > steps[-1]:
+            continue  # training ended before it took effect
+        for ax in (ax1, ax2, ax3):
+            ax.axvline(d["effective_step"] - 0.5, color="#ff7f0e", lw=1.5, ls=":")
+        ax3.text(d["effective_step"] - 0.55, 0.5, f"plan {d['plan']}", transform=ax3.get_xaxis_transform(), fontsize=8,
+                 color="#d35400", rotation=90, ha="right", va="center", bbox=dict(fc="white", ec="none", alpha=0.8))
     out_dir = os.path.dirname(os.path.abspath(png_path))
     os.makedirs(out_dir, exist_ok=True)
     fig.savefig(png_path)

@@ -3,5 +3,6 @@ from .board import CodedReduceError
 from .frames import FrameError
 from .protocol import StepStats
 from .reducer import CodedReducer
+from .adaptive import AdaptiveReducer  # noqa: E402 - after CodedReducer, which it wraps
 
-__all__ = ["CodedReduceError", "CodedReducer", "FrameError", "StepStats"]
+__all__ = ["AdaptiveReducer", "CodedReduceError", "CodedReducer", "FrameError", "StepStats"]

@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ._common import FitContext
+from .adaptive import PlanSwitcher
 from .data import TrainLoader
 from .gradients import (GradientStream, HeldGradients, TouchedParameters, flat_gradient, grad_params, message_dtype,
                         write_gradients)
@@ -84,8 +85,10 @@ class GradientAggregator:
     Lightning's. ``step_fn``/``closure`` arguments are ``DDPStrategy``'s own ``training_step`` and closure.
     """
 
-    def __init__(self, loader: TrainLoader, internals: LightningInternals, bucket_bytes: int) -> None:
+    def __init__(self, loader: TrainLoader, internals: LightningInternals, bucket_bytes: int,
+                 switcher: PlanSwitcher) -> None:
         self._loader = loader
+        self._switcher = switcher  # stragglers="auto": may switch the plan before a step, decides after one
         self._lightning = internals
         self._fit: Optional[FitContext] = None
         self._touched = TouchedParameters()  # which parameters backward reached in this step (None grads as DDP)
@@ -107,6 +110,10 @@ class GradientAggregator:
         self._fit = fit
         self._logged_epoch = -1
         self._touched.attach([p for p in fit.module.parameters() if p.requires_grad])
+
+    def use(self, fit: FitContext) -> None:
+        """The plan changed (``stragglers="auto"``): the same fit with a new reducer."""
+        self._fit = fit
 
     def stop(self) -> None:
         self._touched.detach()
@@ -245,8 +252,9 @@ class GradientAggregator:
         if self._closure_calls > 1:
             raise RuntimeError("the optimizer called its closure more than once in one step (e.g. LBFGS); "
                                "CodedReduceStrategy reduces exactly once per optimizer step and does not support it")
-        fit = self._fit
         step = self._loader.reduce_step
+        self._switcher.before_reduce(step)  # may open a new reducer (a plan switch takes effect at this step)
+        fit = self._fit
         automatic = fit.module.automatic_optimization
         params = grad_params(optimizer)
         skipped = automatic and self._catching_up(fit)
@@ -280,6 +288,8 @@ class GradientAggregator:
         self._loader.step_reduced()
         self.step_records.append({"step": step, "compute_s": compute, "skipped": bool(skipped),
                                   "early_buckets": 0 if skipped else buckets})
+        samples = sum(len(p) for p in self._loader.pieces() if p.weight != 0)
+        self._switcher.after_reduce(step, compute, samples * max(1, fit.trainer.accumulate_grad_batches))
         return out
 
     def _skip_closure(self, fit: FitContext, closure: Callable[[], Any]) -> Any:

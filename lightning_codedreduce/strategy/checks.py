@@ -53,6 +53,18 @@ def check_speeds(speeds: Any) -> Optional[tuple[float, ...]]:
     return plan_speeds(speeds, len(speeds))
 
 
+def check_adapt(stragglers: Any, adapt_every: Any, speeds: Any) -> int:
+    """``stragglers="auto"``'s options; returns ``adapt_every``."""
+    if isinstance(stragglers, str) and stragglers != "auto":
+        raise ValueError(f"stragglers must be an integer >= 0 or 'auto' (choose the plan from measurements), "
+                         f"got {stragglers!r}")
+    every = check_int("adapt_every", adapt_every, 1, "use the number of optimizer steps between plan decisions, e.g. 50")
+    if stragglers == "auto" and speeds is not None:
+        raise ValueError("stragglers='auto' measures the ranks' speeds itself; leave speeds=None (or fix the plan "
+                         "with stragglers=0 and speeds=[...])")
+    return every
+
+
 def check_layout(layout: str, chunk_bytes: int) -> None:
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))} ('auto' picks 'balanced' for "

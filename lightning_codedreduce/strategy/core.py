@@ -12,7 +12,9 @@ all-reduce by the straggler-tolerant coded tree reduce of :class:`~lightning_cod
   ``on_before_optimizer_step`` and the optimizer update. A rank that lags finds the step already
   reduced and applies it without running forward/backward (catch-up);
 * for codes whose sample weights are not all 1 the strategy's ``training_step`` calls the module once
-  per equal-weight chunk and combines the (per-sample-mean) losses with the code weights.
+  per equal-weight chunk and combines the (per-sample-mean) losses with the code weights;
+* ``stragglers="auto"``: a :class:`~.adaptive.PlanSwitcher` chooses the plan from measured compute times and
+  switches it (sampler and reducer) at steps every rank agrees on.
 
 Batch-size semantics (DESIGN §6): by default the training run is DDP's: the global batch is
 ``devices * num_nodes * batch_size``, its samples are those of the ``DistributedSampler`` Lightning
@@ -25,20 +27,25 @@ the batch it was given.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from datetime import timedelta
 from functools import partial
 from typing import Any, Callable, Optional, Sequence
 
+import torch
 import torch.distributed as dist
 
+from ..adapt import Candidate, PlanAdvisor
 from ..engine import CodedReduceError, CodedReducer
 from ..environments import horovod_environment_class, is_horovodrun
 from ..plan import CodedReducePlan
 from ..plan.layout import DEFAULT_CHUNK_BYTES
+from ..plan.plan import check_int
 from ..sampler import CodedReduceBatchSampler
 from . import checks
 from ._common import FitContext, WarnOnce, log, override
+from .adaptive import PlanSwitcher
 from .aggregation import GradientAggregator
 from .collectives import LightningCollectives
 from .data import TrainLoader
@@ -46,6 +53,7 @@ from .gradients import check_gradient_dtypes
 from .internals import LightningInternals
 
 STRATEGY_NAME = "codedreduce"
+AUTO = "auto"  # stragglers="auto": the plan chosen from measurements while training
 FORK_STRATEGY_NAME = "codedreduce_fork"
 _SAME_ON_EVERY_RANK = ("branching", "stragglers", "code", "seed", "transport", "layout", "chunk_bytes", "speeds")
 
@@ -63,13 +71,17 @@ def _define(ddp: type, namespace: str) -> type:
         strategy_name = STRATEGY_NAME
         _lightning_namespace = namespace
 
-        def __init__(self, branching: int = 3, stragglers: int = 1, code: str = "auto",
+        def __init__(self, branching: int = 3, stragglers: "int | str" = 1, code: str = "auto",
                      global_batch_size: "int | str | None" = None, timeout: float = 30.0,
                      process_group_backend: Optional[str] = None, seed: int = 0, *,
                      process_group_timeout: Optional[timedelta] = None, transport: str = "gloo",
                      layout: str = "auto", chunk_bytes: int = DEFAULT_CHUNK_BYTES, bucket_cap_mb: float = 25.0,
-                     speeds: Optional[Sequence[float]] = None, **ddp_kwargs: Any) -> None:
-            checks.check_options(branching, stragglers, code, global_batch_size, timeout, seed, transport)
+                     speeds: Optional[Sequence[float]] = None, adapt_every: int = 50, adapt_patience: int = 2,
+                     **ddp_kwargs: Any) -> None:
+            self.adapt_every = checks.check_adapt(stragglers, adapt_every, speeds)
+            self.adapt_patience = check_int("adapt_patience", adapt_patience, 1, "use e.g. 2 decisions in a row")
+            checks.check_options(branching, 0 if stragglers == AUTO else stragglers, code, global_batch_size, timeout,
+                                 seed, transport)
             checks.check_layout(layout, chunk_bytes)
             checks.check_bucket_cap(bucket_cap_mb)
             self.speeds = checks.check_speeds(speeds)
@@ -89,7 +101,10 @@ def _define(ddp: type, namespace: str) -> type:
             self._lightning = LightningInternals(namespace)  # every Lightning internal goes through it
             self._collectives = LightningCollectives(self._warn)
             self._loader = TrainLoader(batch_option, self._warn, self._lightning.user_sampler_name)
-            self._aggregator = GradientAggregator(self._loader, self._lightning, int(bucket_cap_mb * 2**20))
+            self._switcher = PlanSwitcher(self.adapt_every, self._loader, self._warn)
+            self._aggregator = GradientAggregator(self._loader, self._lightning, int(bucket_cap_mb * 2**20),
+                                                  self._switcher)
+            self._fit: Optional[FitContext] = None  # while the reducer is open
 
         @classmethod
         @override
@@ -116,6 +131,11 @@ def _define(ddp: type, namespace: str) -> type:
         def step_records(self) -> list[dict[str, Any]]:
             """One ``{"step", "compute_s", "skipped", "early_buckets"}`` per optimizer step (``StragglerMonitor`` reads them)."""
             return self._aggregator.step_records
+
+        @property
+        def plan_decisions(self) -> list[dict[str, Any]]:
+            """``stragglers="auto"``: every plan switch, when it was decided and took effect, and why."""
+            return self._switcher.decisions
 
         @property
         def counts_samples(self) -> bool:
@@ -174,8 +194,14 @@ def _define(ddp: type, namespace: str) -> type:
             module = self.lightning_module
             manual = module is not None and not module.automatic_optimization
             checks.check_materialised(module)  # before the plan: the layout is chosen by the gradient's size
-            self.plan = checks.build_plan(self.world_size, self.branching, self.stragglers, self.code, self.seed,
-                                          manual=manual, warn=self._warn, layout=self.layout,
+            stragglers, layout = self.stragglers, self.layout
+            if self.stragglers == AUTO:  # starts uncoded, like DDP (the balanced layout: gloo's all-reduce at s=0)
+                stragglers, layout = 0, ("balanced" if self.layout == "auto" and self.world_size >= 3 else self.layout)
+            if self.stragglers == AUTO and torch.are_deterministic_algorithms_enabled():
+                self._warn("auto_deterministic", "stragglers='auto' switches plans by measured timings, so two runs "
+                                                 "agree to float rounding only; fix stragglers for bitwise runs")
+            self.plan = checks.build_plan(self.world_size, self.branching, stragglers, self.code, self.seed,
+                                          manual=manual, warn=self._warn, layout=layout,
                                           chunk_bytes=self.chunk_bytes, gradient_bytes=checks.message_bytes(module),
                                           speeds=self.speeds)
             log.debug(self.plan.describe())
@@ -214,16 +240,49 @@ def _define(ddp: type, namespace: str) -> type:
                     "rank (process groups are created collectively). Restart the job and resume from the last "
                     "checkpoint (trainer.fit(..., ckpt_path=...))")
             check_gradient_dtypes(self.lightning_module, self.optimizers)
-            # a private gloo group: isolates the reducer's point-to-point traffic from Lightning's collectives
-            # (and from an earlier fit's reducer), and works when the default backend is NCCL
-            group = dist.new_group(backend="gloo")
-            self.reducer = CodedReducer(self.plan, timeout=self.reduce_timeout, start_step=start, group=group,
-                                        transport=self.transport)
-            fit = FitContext(trainer=self._trainer, module=self.lightning_module, reducer=self.reducer,
-                             rank=self.global_rank, world_size=self.world_size, device=self.root_device,
-                             precision_plugin=self.precision_plugin)
+            self.reducer = self._new_reducer(self.plan, start)
+            fit = self._fit = FitContext(trainer=self._trainer, module=self.lightning_module, reducer=self.reducer,
+                                         rank=self.global_rank, world_size=self.world_size, device=self.root_device,
+                                         precision_plugin=self.precision_plugin)
             self._collectives.start(fit)
             self._aggregator.start(fit)
+            if self.stragglers == AUTO:
+                self._switcher.start(fit, self._advisor(), Candidate(0, None, self.plan.layout), self._switch_plan,
+                                     self._collectives.gather)
+
+        def _advisor(self) -> PlanAdvisor:
+            """``stragglers="auto"``'s: candidates share this run's branching, code, seed, chunks and global batch, in
+            either layout unless the user fixed one."""
+            layouts = ("tree", "balanced") if self.layout == "auto" and self.world_size >= 3 else (self.plan.layout,)
+            return PlanAdvisor(self.world_size, branching=self.branching, layouts=layouts, chunk_bytes=self.chunk_bytes,
+                               seed=self.seed, code=self.plan.code, patience=self.adapt_patience,
+                               message_bytes=checks.message_bytes(self.lightning_module) or 0,
+                               global_batch=self._loader.global_batch_size)
+
+        def _new_reducer(self, plan: CodedReducePlan, start: int) -> CodedReducer:
+            # a private gloo group: isolates the reducer's point-to-point traffic from Lightning's collectives
+            # (and from an earlier reducer), and works when the default backend is NCCL
+            group = dist.new_group(backend="gloo")
+            return CodedReducer(plan, timeout=self.reduce_timeout, start_step=start, group=group,
+                                transport=self.transport)
+
+        def _switch_plan(self, plan: CodedReducePlan, start: int) -> None:
+            """``stragglers="auto"`` decided a new plan from ``start`` on: every rank closes its reducer after the
+            old plan's last step and opens one for the new plan (collectively, so this step waits for every rank)."""
+            self._collectives.stop()
+            self._retire(self.reducer)
+            self.plan, self.reducer = plan, self._new_reducer(plan, start)
+            self._fit = dataclasses.replace(self._fit, reducer=self.reducer)
+            self._collectives.start(self._fit)
+            self._aggregator.use(self._fit)
+            self._switcher.use(self._fit)
+
+        def _retire(self, reducer: CodedReducer) -> None:
+            reducer.close()
+            # a rank that finishes while a peer is still catching up must not exit with a receive posted
+            for peer in reducer.wait_for_peers(self.reduce_timeout):
+                log.warning(f"[rank {self.global_rank}] CodedReduce: rank {peer} did not close its link "
+                            f"within {self.reduce_timeout} s")
 
         def _close_reducer(self) -> None:
             reducer, self.reducer = self.reducer, None
@@ -231,11 +290,9 @@ def _define(ddp: type, namespace: str) -> type:
                 return
             self._collectives.stop()  # remembers who died: collectives after fit (save_checkpoint, validate) avoid them
             self._aggregator.stop()
-            reducer.close()
-            # a rank that finishes while a peer is still catching up must not exit with a receive posted
-            for peer in reducer.wait_for_peers(self.reduce_timeout):
-                log.warning(f"[rank {self.global_rank}] CodedReduce: rank {peer} did not close its link "
-                            f"within {self.reduce_timeout} s")
+            self._switcher.stop()
+            self._fit = None
+            self._retire(reducer)
 
         @override
         def on_train_end(self) -> None:
@@ -337,7 +394,13 @@ _CLASS_DOC = """Data-parallel training with CodedReduce instead of DDP's all-red
 
     Args:
         branching: most children per parent in the reduce tree.
-        stragglers: slow or dead children tolerated per parent (0: plain uncoded tree reduce).
+        stragglers: slow or dead children tolerated per parent (0: plain uncoded tree reduce), or ``"auto"``:
+            start uncoded (in the balanced layout unless ``layout`` is fixed) and, every ``adapt_every`` steps,
+            switch to the plan (either layout unless fixed; ``stragglers`` 0 with or without speed-proportional
+            loads, 1 or 2) that the measured compute times predict to be fastest for the same global batch
+            (``lightning_codedreduce.adapt``). Switches take effect at a step every rank agrees
+            on; the training run does not change. Decisions: ``plan_decisions``, the Lightning loggers
+            (``codedreduce/stragglers``, ``codedreduce/predicted_gain``) and ``StragglerMonitor``'s summary.
         code: ``"auto"`` or ``"frc"`` (fractional repetition only: every sample weight is 1). ``"auto"``
             becomes ``"frc"`` under manual optimization and ``Trainer(deterministic=True)``.
         global_batch_size: samples per optimizer step over all ranks. Default ``None``: DDP's,
@@ -360,6 +423,9 @@ _CLASS_DOC = """Data-parallel training with CodedReduce instead of DDP's all-red
             about this many MiB (from the last parameters, which backward reaches first) as soon as backward
             has produced each one, so communication overlaps the rest of backward. ``0``: the whole
             gradient after backward. The tree always takes it whole.
+        adapt_every: ``stragglers="auto"``: optimizer steps between decisions (each waits once for every rank).
+        adapt_patience: ``stragglers="auto"``: a plan replaces the current one only when it is predicted at least
+            10 % faster in this many decisions in a row.
         speeds: relative compute speed of every rank, for hardware that is persistently slower (e.g.
             ``[1, 1, 0.5, 1]``: rank 2 takes twice as long per sample). Every rank's share of the global batch
             is sized so that all ranks finish together; the global batch, and so the training run, is

@@ -159,6 +159,7 @@ class TrainLoader:
         self._reduce_step = 0
         self._loaded_reduce_step: Optional[int] = None
         self._resume_check: Optional[tuple[int, int]] = None
+        self._prefetch = 2  # the loader's prefetch (workers x prefetch_factor) plus Lightning's own one batch
 
     # ------------------------------------------------------------------ the position
     @property
@@ -194,7 +195,23 @@ class TrainLoader:
 
     def pieces(self) -> tuple[Piece, ...]:
         """This rank's pieces of the batch being trained."""
-        return self.sampler.pieces(self._batch_idx)
+        return self.sampler.pieces(self._batch_idx, self._epoch)
+
+    def switch_point(self, accumulate: int, lead_batches: int) -> tuple[int, int, int]:
+        """Where a plan switch decided now can take effect: ``(epoch, batch, optimizer steps ahead)`` of the first
+        batch of an optimizer step at least ``lead_batches`` after the batch being trained (the loader may have
+        prefetched the batches before it), or of the next epoch's first batch, whichever comes first."""
+        accumulate = max(1, accumulate)
+        batches = _steps_per_epoch(len(self.sampler), self._limit)
+        epoch, batch, ahead = self._epoch, self._batch_idx + 1, 1
+        while batch < batches and batch - self._batch_idx < lead_batches:
+            batch, ahead = batch + accumulate, ahead + 1
+        return (epoch + 1, 0, ahead) if batch >= batches else (epoch, batch, ahead)
+
+    @property
+    def prefetched_batches(self) -> int:
+        """How many batches the training loader may have drawn from the sampler ahead of the one trained."""
+        return self._prefetch
 
     def step_size(self) -> int:
         """The global batch of the batch being trained."""
@@ -236,6 +253,7 @@ class TrainLoader:
             self._warn("subclass", f"the training loader ({type(dl).__name__}) is rebuilt as a plain torch "
                                    "DataLoader around the CodedReduce batch sampler; subclass behaviour is lost")
         loader = _rebuild(dl, batch_sampler)
+        self._prefetch = 1 + (loader.num_workers * (loader.prefetch_factor or 2) if loader.num_workers else 1)
         loader._codedreduce_source = weakref.ref(self)
         self.sampler, self.global_batch_size = batch_sampler, B
         self._plan_fingerprint, self._limit = plan.fingerprint(), limit_batches

@@ -1,0 +1,250 @@
+"""Choosing the plan from measurements: ``stragglers="auto"`` (DESIGN §8).
+
+Redundancy pays only when stragglers cost more than the extra compute, and persistent slowness is
+better answered by smaller shares than by redundancy (``benchmarks/crossover.py`` maps where each
+wins). :class:`PlanAdvisor` picks, from what the ranks measured, the plan with the smallest predicted
+step time for the *same global batch* -- so a switch changes how fast training goes, never what it
+computes.
+
+1. Every rank records, for every step it computed, its compute seconds and its number of samples
+   (``per_sample[t, r]`` = seconds per sample; a step it skipped while catching up is missing).
+2. Every ``every`` steps the ranks exchange those records (the caller's collective), so every rank
+   holds the same history; rank 0 decides (``decide``) and the caller announces the decision.
+3. The candidates: ``stragglers`` 0 (with and without speed-proportional loads), 1 and 2 where the
+   branching allows them, in each allowed layout (the tree and the balanced chunk owners, unless the
+   user fixed one). Speeds are the per-rank medians of the window's seconds per sample (persistent
+   slowness), rounded to 0.05 and 1 within 10 % of the fastest.
+4. Each candidate is scored by replaying the window through the simulator, one step at a time: rank
+   ``r``'s gradient is ready after its measured seconds per sample times its samples in the candidate
+   (a missing measurement: the rank's median), and the step ends when every rank has the result
+   (``sim.step_time``, on ``network``).
+5. Hysteresis: the best candidate replaces the current plan only when it is predicted at least
+   ``margin`` faster in ``patience`` decisions in a row, so noise does not make the plan flap.
+
+The caller switches at a step every rank agrees on (the strategy: far enough ahead that no loader has
+prefetched it); plain PyTorch loops do the same with :class:`~lightning_codedreduce.engine.CodedReducer`
+(close the old reducer after the last step of the old plan, open one for ``decision.plan`` at the next).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from . import sim
+from .plan import CodedReducePlan
+
+SPEED_STEP = 0.05  # speeds are rounded to this (a plan is not rebuilt for noise)
+SPEED_NOISE = 0.9  # ranks within 10 % of the fastest count as full speed
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One plan the advisor may choose: a layout, a tolerance and, optionally, speed-proportional loads."""
+
+    stragglers: int
+    speeds: Optional[tuple[float, ...]] = None
+    layout: str = "tree"
+
+    @property
+    def label(self) -> str:
+        if self.speeds is None:
+            return f"{self.layout} s={self.stragglers}"
+        slow = ", ".join(f"rank {r} x{v:g}" for r, v in enumerate(self.speeds) if v < 1)
+        return f"{self.layout} s={self.stragglers}, speeds ({slow})"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A plan switch and why: ``predicted_s`` maps every candidate's label to its predicted mean step."""
+
+    step: int  # decided after this step's result
+    candidate: Candidate
+    plan: CodedReducePlan
+    current_s: float  # the current plan's predicted mean step
+    best_s: float
+    predicted_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def gain(self) -> float:
+        """Predicted speed-up over the current plan (current step / new step)."""
+        return self.current_s / self.best_s if self.best_s > 0 else float("inf")
+
+    @property
+    def reason(self) -> str:
+        return (f"{self.candidate.label} predicted {self.best_s * 1e3:.0f} ms per step against "
+                f"{self.current_s * 1e3:.0f} ms "
+                f"({self.gain:.2f}x faster) over the last steps' measurements")
+
+
+def estimate_speeds(per_sample: np.ndarray) -> Optional[tuple[float, ...]]:
+    """Relative speeds from a window of seconds per sample (steps x ranks, NaN = missing), or None when
+    every rank is within ``SPEED_NOISE`` of the fastest."""
+    medians = np.array([np.nanmedian(col) if np.isfinite(col).any() else np.nan for col in per_sample.T])
+    if not np.isfinite(medians).all() or (medians <= 0).any():
+        return None
+    speeds = medians.min() / medians
+    speeds = np.where(speeds >= SPEED_NOISE, 1.0, np.maximum(SPEED_STEP, np.round(speeds / SPEED_STEP) * SPEED_STEP))
+    return None if (speeds == 1.0).all() else tuple(float(x) for x in speeds)
+
+
+class PlanAdvisor:
+    """Predicts every candidate plan's step time from measured compute and picks the best (module docstring).
+
+    Args:
+        world_size, branching, chunk_bytes, seed, code: what every candidate plan shares.
+        layouts: the layouts candidates may take (the user's choice, or both).
+        message_bytes: the gradient's size (the simulator's transfer times).
+        global_batch: samples per step (every candidate splits the same global batch).
+        margin: how much faster (fraction) the best candidate must be predicted to be.
+        patience: in how many decisions in a row.
+        network: the simulator's network (default 1 Gbit/s, 200 us per message).
+        max_stragglers: the largest tolerance considered.
+    """
+
+    def __init__(self, world_size: int, *, branching: int = 3, layouts: Sequence[str] = ("tree",),
+                 chunk_bytes: int = 4 << 20, seed: int = 0, code: str = "auto", message_bytes: int = 1 << 20,
+                 global_batch: int = 1024, margin: float = 0.1, patience: int = 2,
+                 network: Optional[sim.NetworkModel] = None, max_stragglers: int = 2):
+        if not 0 <= margin < 1:
+            raise ValueError(f"margin must be in [0, 1), got {margin!r}: the fraction by which a plan must be faster")
+        if patience < 1:
+            raise ValueError(f"patience must be >= 1, got {patience!r}")
+        self.world_size, self.branching, self.layouts = world_size, branching, tuple(layouts)
+        self.chunk_bytes, self.seed, self.code = chunk_bytes, seed, code
+        self.message_bytes, self.global_batch = message_bytes, global_batch
+        self.margin, self.patience = margin, patience
+        self.network = network or sim.NetworkModel()
+        self.max_stragglers = max_stragglers
+        self._plans: dict[Candidate, Optional[CodedReducePlan]] = {}
+        self._streak: tuple[Optional[Candidate], int] = (None, 0)
+
+    def plan(self, candidate: Candidate) -> Optional[CodedReducePlan]:
+        """The candidate's plan, or None when it cannot be built (e.g. too few ranks for the tolerance)."""
+        if candidate not in self._plans:
+            try:
+                plan = CodedReducePlan(self.world_size, self.branching, candidate.stragglers, self.code, self.seed,
+                                       layout=candidate.layout, chunk_bytes=self.chunk_bytes, speeds=candidate.speeds)
+                ok = self.global_batch >= plan.min_global_batch_size  # every rank gets a share of the global batch
+            except ValueError:
+                plan, ok = None, False
+            self._plans[candidate] = plan if ok else None
+        return self._plans[candidate]
+
+    def candidates(self, per_sample: np.ndarray) -> list[Candidate]:
+        speeds = estimate_speeds(per_sample)
+        out = []
+        for layout in self.layouts:
+            out += [Candidate(0, None, layout)] + ([Candidate(0, speeds, layout)] if speeds else [])
+            out += [Candidate(s, None, layout) for s in range(1, min(self.max_stragglers, self.branching - 1) + 1)]
+        return [c for c in out if self.plan(c) is not None]
+
+    def predict(self, candidate: Candidate, per_sample: np.ndarray) -> float:
+        """Mean predicted step time (s) of ``candidate`` over the window ``per_sample`` (steps x ranks)."""
+        plan = self.plan(candidate)
+        topo = sim.Topology(plan)
+        samples = np.array([sum(map(len, shards)) for shards in plan.allocation(self.global_batch)], dtype=float)
+        medians = np.array([np.nanmedian(c) if np.isfinite(c).any() else 0.0 for c in per_sample.T])
+        filled = np.where(np.isfinite(per_sample), per_sample, medians)
+        steps = [sim.step_time(topo, list(row * samples), self.message_bytes, self.network) for row in filled]
+        return float(np.mean(steps)) if steps else 0.0
+
+    def decide(self, step: int, current: Candidate, per_sample: Sequence[Sequence[float]]) -> Optional[Decision]:
+        """A :class:`Decision` to switch after ``step``, or None to keep ``current``.
+
+        ``per_sample``: the window's seconds per sample, one row per step, one column per rank (NaN where
+        a rank did not compute the step)."""
+        window = np.asarray(per_sample, dtype=float).reshape(-1, self.world_size)
+        if not np.isfinite(window).any():
+            return None
+        scores = {c: self.predict(c, window) for c in self.candidates(window)}
+        if current not in scores and self.plan(current) is not None:
+            scores[current] = self.predict(current, window)
+        best = min(scores, key=lambda c: (scores[c], c.stragglers))
+        now = scores.get(current, float("inf"))
+        if best == current or scores[best] > now * (1 - self.margin):
+            self._streak = (None, 0)
+            return None
+        same = self._streak[0] == best
+        self._streak = (best, self._streak[1] + 1 if same else 1)
+        if self._streak[1] < self.patience:
+            return None
+        self._streak = (None, 0)
+        return Decision(step, best, self.plan(best), now, scores[best], {c.label: s for c, s in scores.items()})
+
+
+def notes_window(every_rank: dict[int, dict[int, float]], world_size: int) -> np.ndarray:
+    """Every rank's ``{step: seconds per sample}`` as a window (steps x ranks, NaN where a rank did not compute)."""
+    steps = sorted({s for notes in every_rank.values() for s in notes})
+    index = {s: i for i, s in enumerate(steps)}
+    window = np.full((len(steps), world_size), np.nan)
+    for rank, notes in every_rank.items():
+        for s, value in notes.items():
+            window[index[s], rank] = value
+    return window
+
+
+def decision_round(gather: Callable[[Any], dict[int, Any]], rank: int, world_size: int, notes: dict[int, float],
+                   advisor: PlanAdvisor, step: int, current: Candidate,
+                   when: Callable[[Decision], dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """Steps 2 and 5 of the module docstring, on every rank: exchange the notes (``gather``: ``{rank: obj}`` of the
+    live ranks, over the reduce tree), rank 0 decides, and its decision reaches every rank through a second gather.
+
+    Returns the same on every rank: None, or ``{"candidate", "step", "reason", "gain", "predicted_ms", **when(d)}``
+    where ``when`` (called on rank 0) says where the switch takes effect. A rank that died stops decisions (the
+    plans that would follow need every rank)."""
+    every_rank = gather(notes)
+    proposal = None
+    if rank == 0 and len(every_rank) == world_size:
+        found = advisor.decide(step, current, notes_window(every_rank, world_size))
+        if found is not None:
+            proposal = {"candidate": found.candidate, "step": step, "reason": found.reason, "gain": found.gain,
+                        "predicted_ms": {k: round(v * 1e3, 2) for k, v in found.predicted_s.items()}, **when(found)}
+    return gather(proposal).get(0)
+
+
+class PlanSchedule:
+    """What ``stragglers="auto"`` keeps between steps on one rank: the notes since the last round, the current
+    candidate, the switch decided but not yet in effect, and every decision (JSON-friendly, for logs).
+
+    Used the same way by the Lightning strategy and by :class:`~lightning_codedreduce.engine.AdaptiveReducer`:
+    ``note`` after every step (True when a round is due), ``round`` on every rank then, ``due`` before every step.
+    """
+
+    def __init__(self, advisor: PlanAdvisor, current: Candidate, every: int):
+        if every < 1:
+            raise ValueError(f"every must be >= 1 step between decisions, got {every!r}")
+        self.advisor, self.current, self.every = advisor, current, every
+        self._notes: dict[int, float] = {}  # step -> this rank's seconds per sample, since the last round
+        self._pending: Optional[tuple[int, Candidate]] = None  # (step it takes effect, candidate)
+        self.decisions: list[dict[str, Any]] = []
+
+    def note(self, step: int, compute_s: Optional[float], samples: int) -> bool:
+        """This rank's measurement of ``step`` (None: it did not compute it); whether a round is due after it."""
+        if compute_s is not None and samples > 0:
+            self._notes[step] = compute_s / samples
+        return (step + 1) % self.every == 0 and self._pending is None
+
+    def round(self, step: int, gather: Callable[[Any], dict[int, Any]], rank: int,
+              when: Callable[[Decision], dict[str, Any]]) -> Optional[dict[str, Any]]:
+        """A decision round (``decision_round``); a decision is kept, pending, and returned (the same on every rank)."""
+        notes, self._notes = self._notes, {}
+        decision = decision_round(gather, rank, self.advisor.world_size, notes, self.advisor, step, self.current, when)
+        if decision is not None:
+            candidate = decision["candidate"]
+            self._pending = (decision["effective_step"], candidate)
+            self.decisions.append({**{k: v for k, v in decision.items() if k != "candidate"}, "plan": candidate.label,
+                                   "stragglers": candidate.stragglers,
+                                   "speeds": list(candidate.speeds) if candidate.speeds else None,
+                                   "redundancy": self.advisor.plan(candidate).redundancy, "applied": False})
+        return decision
+
+    def due(self, step: int) -> Optional[CodedReducePlan]:
+        """The plan that takes effect at ``step``, if one does (it becomes the current one)."""
+        if self._pending is None or self._pending[0] != step:
+            return None
+        _, self.current = self._pending
+        self._pending = None
+        self.decisions[-1]["applied"] = True
+        return self.advisor.plan(self.current)

@@ -1,0 +1,121 @@
+"""``stragglers="auto"``'s advisor (pure: measurements in, a plan out) and the sampler's plan switch.
+
+The multi-process run (a switch mid-epoch that keeps DDP's run) is in ``test_ddp_equivalence.py``."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from lightning_codedreduce.adapt import Candidate, PlanAdvisor, estimate_speeds
+from lightning_codedreduce.plan import CodedReducePlan
+from lightning_codedreduce.sampler import CodedReduceBatchSampler
+
+W, SAMPLE_S = 7, 0.06 / 32  # 60 ms per 32 samples
+
+
+def window(kind: str, steps: int = 30, seed: int = 0) -> np.ndarray:
+    """Seconds per sample, steps x ranks, with 5 % noise and the regime's stragglers (rank 0 eligible)."""
+    rng = np.random.default_rng(seed)
+    w = SAMPLE_S * (1 + 0.05 * rng.random((steps, W)))
+    if kind == "slow":
+        w[:, 3] *= 2
+    elif kind == "slowroot":
+        w[:, 0] *= 3
+    elif kind == "heavy":
+        w[np.arange(steps), rng.integers(W, size=steps)] *= 10
+    return w
+
+
+@pytest.mark.parametrize("layout", ["tree", "balanced"])
+@pytest.mark.parametrize("kind,s,expected", [
+    ("calm", 0, None),  # nothing to gain: keep the uncoded plan
+    ("calm", 1, 0),  # redundancy that does not pay goes
+    ("slow", 0, "speeds"),  # persistent slowness: a smaller share, not redundancy
+    ("slowroot", 1, "speeds"),
+    ("heavy", 0, "coded"),  # transient heavy stalls: coding
+])
+def test_advisor_picks_by_regime(layout, kind, s, expected):
+    advisor = PlanAdvisor(W, layouts=(layout,), message_bytes=1 << 20, global_batch=W * 32, patience=1)
+    current = Candidate(s, None, layout)
+    decision = advisor.decide(29, current, window(kind))
+    if expected is None:
+        assert decision is None
+        return
+    assert decision is not None and decision.step == 29 and decision.gain >= 1.1
+    assert decision.plan.layout == layout and decision.plan.world_size == W
+    if expected == "speeds":
+        assert decision.candidate.stragglers == 0 and decision.candidate.speeds is not None
+        slow = 3 if kind == "slow" else 0
+        assert decision.candidate.speeds[slow] < 0.7 and sorted(decision.candidate.speeds)[1:] == [1.0] * (W - 1)
+    elif expected == "coded":
+        assert decision.candidate.stragglers >= 1
+    else:
+        assert decision.candidate == Candidate(expected, None, layout)
+    assert f"{decision.gain:.2f}x faster" in decision.reason and decision.candidate.label in decision.predicted_s
+
+
+def test_both_layouts_when_the_user_fixed_neither():
+    """At 1 MiB and 7 ranks the chunk owners beat the tree's store-and-forward (uncoded, calm): the advisor moves
+    there when it may choose the layout; with the tree fixed it stays."""
+    both = PlanAdvisor(W, layouts=("tree", "balanced"), message_bytes=1 << 20, global_batch=W * 32, patience=1)
+    decision = both.decide(29, Candidate(0), window("calm"))
+    assert decision is not None and decision.candidate == Candidate(0, None, "balanced")
+    assert {"tree s=0", "balanced s=0", "tree s=1", "balanced s=1"} <= set(decision.predicted_s)
+    assert PlanAdvisor(W, message_bytes=1 << 20, global_batch=W * 32, patience=1).decide(29, Candidate(0),
+                                                                                         window("calm")) is None
+
+
+def test_hysteresis_needs_patience_and_margin():
+    advisor = PlanAdvisor(W, message_bytes=1 << 20, global_batch=W * 32, patience=2)
+    slow = window("slow")
+    assert advisor.decide(9, Candidate(0), slow) is None  # first time: noted, not decided
+    assert advisor.decide(19, Candidate(0), window("calm")) is None  # the streak breaks
+    assert advisor.decide(29, Candidate(0), slow) is None
+    assert advisor.decide(39, Candidate(0), slow) is not None  # two in a row
+    strict = PlanAdvisor(W, message_bytes=1 << 20, global_batch=W * 32, patience=1, margin=0.9)
+    assert strict.decide(9, Candidate(0), slow) is None  # 1.25x predicted is not 10x
+    for _ in range(5):  # noise alone never makes the plan flap
+        assert advisor.decide(49, Candidate(0), window("calm", seed=_)) is None
+
+
+def test_missing_measurements_and_speed_estimates():
+    w = window("slow")
+    w[5:9, 3] = np.nan  # rank 3 skipped those steps while catching up
+    assert estimate_speeds(w)[3] == pytest.approx(0.5, abs=0.05)
+    assert estimate_speeds(window("calm")) is None  # within 10 % of the fastest: full speed
+    assert PlanAdvisor(W, message_bytes=1 << 20).decide(3, Candidate(0), np.full((4, W), np.nan)) is None
+    with pytest.raises(ValueError, match="margin"):
+        PlanAdvisor(W, margin=1.5)
+    advisor = PlanAdvisor(3, branching=2, global_batch=6)
+    assert advisor.plan(Candidate(2)) is None and Candidate(2) not in advisor.candidates(window("calm")[:, :3])
+
+
+def test_sampler_switches_plan_mid_epoch_without_losing_a_sample():
+    """From (epoch, step) on every rank allocates by the new plan: the global batches do not change, and every
+    sample of the epoch is computed (and counted) as before."""
+    n, world, b = 200, 4, 8
+    first, second = CodedReducePlan(world, 3, 0), CodedReducePlan(world, 3, 1, speeds=[1, 0.5, 1, 1])
+    samplers = [CodedReduceBatchSampler(n, first, r, per_rank_batch=b, num_replicas=world, seed=3)
+                for r in range(world)]
+    for s in samplers:
+        s.set_epoch(1)
+        s.switch_plan(1, 3, second)
+    batches = [list(s) for s in samplers]
+    counted = Counter()
+    for step in range(len(samplers[0])):
+        plan = second if step >= 3 else first
+        assert all(s.plan_at(step) is plan for s in samplers)
+        global_batch = samplers[0].global_batch(step)
+        computed = Counter(i for r in range(world) for i in batches[r][step])
+        assert set(computed) == set(global_batch)  # the same global batch, whoever computes it
+        if plan is second:
+            assert sum(computed.values()) > len(global_batch)  # coded: samples computed more than once
+        for r in range(world):  # each sample counted by exactly one rank
+            for piece in samplers[r].pieces(step):
+                if piece.counted:
+                    counted.update(batches[r][step][piece.start:piece.stop])
+    assert counted == Counter(i for t in range(len(samplers[0])) for i in samplers[0].global_batch(t))
+    with pytest.raises(ValueError, match="already yielded"):
+        samplers[0].switch_plan(1, 2, first)
