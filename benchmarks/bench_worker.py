@@ -191,7 +191,7 @@ def run_cell(cell: dict, comm, data: dict, cfg: dict, index: int) -> dict:
         else:
             start = time.monotonic()
             _, stall = strag.finish(rank, step, start)
-            if spec.name != "heavy" and base0 > 0:
+            if strag.scales_with_compute(step) and base0 > 0:
                 stall *= base / base0  # a slow rank is slow per sample: a smaller share, a shorter delay
             end = start + base + stall
             sleep_until(end - (ema or 0.0))

@@ -91,7 +91,8 @@ class MasterWorkerPlan(CodedReducePlan):
 
 
 # ---------------------------------------------------------------------------- straggler models
-STRAGGLER_MODELS = ("none", "paper", "slow", "slowroot", "heavy", "blog", "shiftexp")
+STRAGGLER_MODELS = ("none", "paper", "slow", "slowroot", "heavy", "blog", "shiftexp", "phases")
+PHASES = ("none", "heavy", "slow", "none")  # the phase-changing run: calm, heavy stalls, one slow rank, calm
 PERSISTENT_MODELS = ("paper", "slow", "slowroot")  # fixed ranks, slow at every step
 
 
@@ -108,6 +109,8 @@ class StragglerSpec:
     * ``slowroot``: rank 0 is persistently ``1 + factor`` x slower (default 3x).
     * ``blog``: the PyTorch hierarchical-SGD blog's protocol: every rank, every step, sleeps ``factor`` x
       its compute time with probability ``prob`` (default 1 %, 18x).
+    * ``phases``: a phase-changing run, ``count`` steps per phase (default 50): calm, heavy stalls, one
+      rank persistently 2x slower, calm (each phase as its model's default).
     * ``heavy``: stall episodes of ``factor`` x the stalled worker's compute time (>= 10), one random
       worker at a time, back to back on the shared wall clock; a stalled worker's compute makes no
       progress. For a synchronous scheme that is one random worker stalling ~``factor`` x in every
@@ -131,7 +134,7 @@ class StragglerSpec:
         return {"none": StragglerSpec("none"), "paper": StragglerSpec("paper", factor=3.0, count=1),
                 "slow": StragglerSpec("slow", factor=1.0, count=1), "slowroot": StragglerSpec("slowroot", factor=2.0),
                 "heavy": StragglerSpec("heavy", factor=10.0), "blog": StragglerSpec("blog", factor=18.0, prob=0.01),
-                "shiftexp": StragglerSpec("shiftexp", scale=1.0)}[name]
+                "shiftexp": StragglerSpec("shiftexp", scale=1.0), "phases": StragglerSpec("phases", count=50)}[name]
 
     def describe(self) -> str:
         return {"none": "no stragglers",
@@ -140,7 +143,8 @@ class StragglerSpec:
                 "slowroot": f"rank 0 persistently {1 + self.factor:g}x slower",
                 "blog": f"every rank, every step: sleeps {self.factor:g}x compute with probability {self.prob:g}",
                 "heavy": f"one worker at a time stalls {self.factor:g}x its compute (back-to-back episodes)",
-                "shiftexp": f"compute = T + Exp(mean {self.scale:g} T), every worker, every step"}[self.name]
+                "shiftexp": f"compute = T + Exp(mean {self.scale:g} T), every worker, every step",
+                "phases": f"{self.count} steps each of: " + ", ".join(PHASES)}[self.name]
 
 
 def persistent_ranks(spec: StragglerSpec, eligible: list[int], seed: int) -> set[int]:
@@ -176,6 +180,9 @@ class Stragglers:
         self._ep_dur: list[float] = []
         self._by_rank: dict[int, list[tuple[float, float]]] = {}
         self._ep_rng = np.random.default_rng([seed, 11])
+        # the phase-changing run: one model per phase, on the same clock and seed
+        self._phases = ([Stragglers(StragglerSpec.default(p), world, compute_s, seed, t0) for p in PHASES]
+                        if spec.name == "phases" else [])
 
     def _episodes_until(self, t: float) -> None:
         while not self._ep_start or self._ep_start[-1] + self._ep_dur[-1] <= t:
@@ -192,8 +199,20 @@ class Stragglers:
             self._ep_dur.append(dur)
             self._by_rank.setdefault(rank, []).append((start, start + dur))
 
+    def scales_with_compute(self, step: int) -> bool:
+        """Whether ``step``'s delays are multiples of the compute (a smaller share, a shorter delay), not stall
+        episodes on the wall clock (``heavy``)."""
+        if self._phases:
+            return self._phase(step).scales_with_compute(step)
+        return self.spec.name != "heavy"
+
+    def _phase(self, step: int) -> "Stragglers":
+        return self._phases[min(step // max(1, self.spec.count), len(PHASES) - 1)]
+
     def episodes(self, until: float) -> list[tuple[int, float, float]]:
         """Heavy model: ``(rank, start, duration)`` of every stall episode that begins before ``until``."""
+        if self._phases:
+            return self._phases[PHASES.index("heavy")].episodes(until)
         if self.spec.name != "heavy" or not self.eligible:
             return []
         self._episodes_until(until)
@@ -203,6 +222,8 @@ class Stragglers:
         """``(end, delay)``: when the compute of ``step`` that ``rank`` starts at ``start`` ends, and
         how many of those seconds were straggling."""
         base = self.compute_s.get(rank, 0.0)
+        if self._phases:
+            return self._phase(step).finish(rank, step, start)
         if base <= 0 or self.spec.name == "none":
             return start + base, 0.0
         if self.spec.name in PERSISTENT_MODELS:

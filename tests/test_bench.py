@@ -305,7 +305,8 @@ def test_crossover_map_picks_by_regime(tmp_path):
     from benchmarks import crossover
 
     rows = {r["stragglers"]: r for r in crossover.crossover((7,), ("none", "slow", "heavy"), steps=12)}
-    assert rows["none"]["best"].endswith("s=0") and "prop" not in rows["none"]["best"]  # no redundancy to pay for
+    calm = rows["none"]
+    assert calm["R"][calm["best"]] == 1.0 and "prop" not in calm["best"]  # no redundancy to pay for
     slow = rows["slow"]["step_s"]
     assert slow["balanced prop s=0"] < slow["balanced s=0"] and rows["slow"]["best_vs_ddp"] > 1.3  # smaller share
     heavy = rows["heavy"]
@@ -313,3 +314,20 @@ def test_crossover_map_picks_by_regime(tmp_path):
     assert crossover.main(["--worlds", "4", "--regimes", "none", "heavy", "--msg-mb", "1", "--steps", "6",
                            "--out", str(tmp_path)]) == 0
     assert (tmp_path / "crossover_1MiB.png").stat().st_size > 5000 and "| heavy | 4 |" in (tmp_path / "crossover.md").read_text()
+
+
+def test_phase_changing_run_follows_its_phases():
+    comp = {r: 0.1 for r in range(5)}
+    run = sim.Stragglers(sim.StragglerSpec("phases", count=20), 5, comp, seed=1)
+    delays, t = [], 0.0
+    for step in range(80):
+        delays.append([run.finish(r, step, t)[1] for r in range(5)])
+        t += 0.3
+    delays = np.array(delays)
+    assert not delays[:20].any() and not delays[60:].any()  # calm, and calm again
+    assert (delays[20:40].max(axis=1) > 0.5).mean() > 0.5  # heavy: a stalled rank in most steps
+    slow = delays[40:60]
+    (r,) = np.flatnonzero(slow.max(axis=0) > 0)
+    assert np.allclose(slow[:, r], 0.1)  # one rank 2x slower, every step of the phase
+    assert run.scales_with_compute(45) and not run.scales_with_compute(25)
+    assert sim.StragglerSpec.default("phases").count == 50
