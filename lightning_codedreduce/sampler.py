@@ -12,12 +12,14 @@ Two ways to cut an epoch into global batches:
   block is padded by wrapping around (``drop_last=False``) or dropped.
 
 At every step a rank yields the dataset indices at the block positions ``plan.shards(rank, B_t)``
-lists, in shard order. The plan can change from a given (epoch, step) on (:meth:`switch_plan`,
-``stragglers="auto"``): the global batches stay the same, only who computes which of their samples changes. :meth:`pieces` cuts them into runs a rank can run through the model at once:
+lists, in shard order. :meth:`pieces` cuts them into runs a rank can run through the model at once:
 equal code weight, at most ``per_rank_batch`` samples (so activation memory stays DDP's), cut at the
 boundaries of every rank's shards (so ranks that compute the same samples cut them the same way and
 get bitwise equal gradients), each marked with who counts its samples once (metrics) and how much
 it weighs in an epoch-level mean logged over all ranks.
+
+The plan can change from a given (epoch, step) on (:meth:`switch_plan`, ``stragglers="auto"``): the
+global batches stay the same, only who computes which of their samples changes.
 """
 from __future__ import annotations
 

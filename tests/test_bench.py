@@ -207,12 +207,13 @@ def quick(tmp_path_factory):
     hvd_ok, why = _horovod_available()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "benchmarks/harness.py", "--quick", "--out", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=420)
+                          capture_output=True, text=True, timeout=720)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout, hvd_ok, why
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # the module fixture's quick run (about 5 min here) counts towards the first test
 def test_quick_mode_end_to_end(quick):
     out, stdout, hvd_ok, _ = quick
     res = json.loads((out / "results.json").read_text())
@@ -237,6 +238,7 @@ def test_quick_mode_end_to_end(quick):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # (when it is the first to use the fixture, e.g. run alone)
 def test_quick_mode_horovod_baseline(quick):
     out, _, hvd_ok, why = quick
     if not hvd_ok:

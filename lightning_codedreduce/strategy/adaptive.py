@@ -49,6 +49,11 @@ class PlanSwitcher:
         self._schedule = PlanSchedule(advisor, current, self.every)
         self.decisions = self._schedule.decisions
 
+    @property
+    def active(self) -> bool:
+        """Whether this fit chooses its plan (``stragglers="auto"``)."""
+        return self._schedule is not None
+
     def use(self, fit: FitContext) -> None:
         """The plan changed: the same fit with the new reducer."""
         self._fit = fit

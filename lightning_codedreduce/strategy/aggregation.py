@@ -288,8 +288,9 @@ class GradientAggregator:
         self._loader.step_reduced()
         self.step_records.append({"step": step, "compute_s": compute, "skipped": bool(skipped),
                                   "early_buckets": 0 if skipped else buckets})
-        samples = sum(len(p) for p in self._loader.pieces() if p.weight != 0)
-        self._switcher.after_reduce(step, compute, samples * max(1, fit.trainer.accumulate_grad_batches))
+        if self._switcher.active:
+            samples = sum(len(p) for p in self._loader.pieces() if p.weight != 0)
+            self._switcher.after_reduce(step, compute, samples * max(1, fit.trainer.accumulate_grad_batches))
         return out
 
     def _skip_closure(self, fit: FitContext, closure: Callable[[], Any]) -> Any:
