@@ -24,6 +24,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 
 from ._util import free_port
 
@@ -196,3 +197,69 @@ def __getattr__(name: str):
     if name == "LightningHorovodRunEnvironment":
         return horovod_environment_class("lightning.pytorch")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ---------------------------------------------------------------------- plain scripts (no Lightning)
+@dataclass(frozen=True)
+class LaunchInfo:
+    """Who started this process and where it sits, read from the launcher's variables."""
+
+    launcher: str  # "horovodrun", "torchrun", "mpirun" or "single" (no launcher: one process)
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    cross_rank: int  # this host's index among the hosts
+    cross_size: int  # hosts
+
+    def main_address(self) -> tuple[str, int]:
+        """``(MASTER_ADDR, MASTER_PORT)`` for ``torch.distributed``: the environment's, else the launcher's way of
+        agreeing on one (horovodrun's rendezvous store, or an MPI broadcast from rank 0)."""
+        if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+            return os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        if self.launcher == "horovodrun":
+            return _HorovodRunMixin()._main()
+        if self.launcher == "mpirun":
+            return _mpi_main_address(self.rank, self.cross_size)
+        if self.launcher == "single":
+            return "127.0.0.1", free_port()
+        raise RuntimeError("torchrun did not set MASTER_ADDR/MASTER_PORT; start the script with torchrun, horovodrun "
+                           "or mpirun, or set them")
+
+
+_MPI_RANK_VARS = (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+                   "OMPI_COMM_WORLD_LOCAL_SIZE"), ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"))
+
+
+def launch_info() -> LaunchInfo:
+    """This process's place in the job, from torchrun's, horovodrun's or mpirun's (Open MPI, MPICH) variables."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun (and anything that sets its variables)
+        rank, size = _int_env("RANK"), _int_env("WORLD_SIZE")
+        local_rank = _int_env("LOCAL_RANK", 0)
+        local_size = _int_env("LOCAL_WORLD_SIZE", size)
+        return LaunchInfo("torchrun", rank, size, local_rank, local_size, _int_env("GROUP_RANK", rank // local_size),
+                          max(1, size // local_size))
+    if is_horovodrun():
+        size = _int_env("HOROVOD_SIZE")
+        return LaunchInfo("horovodrun", _int_env("HOROVOD_RANK"), size, _int_env("HOROVOD_LOCAL_RANK"),
+                          _int_env("HOROVOD_LOCAL_SIZE", size), _int_env("HOROVOD_CROSS_RANK", 0),
+                          _int_env("HOROVOD_CROSS_SIZE", 1))
+    for rank_var, size_var, local_var, local_size_var in _MPI_RANK_VARS:
+        if rank_var in os.environ and size_var in os.environ:
+            rank, size = _int_env(rank_var), _int_env(size_var)
+            local_size = _int_env(local_size_var, size)
+            return LaunchInfo("mpirun", rank, size, _int_env(local_var, rank % local_size), local_size,
+                              rank // local_size, max(1, size // local_size))
+    return LaunchInfo("single", 0, 1, 0, 1, 0, 1)
+
+
+def _mpi_main_address(rank: int, hosts: int) -> tuple[str, int]:
+    """Rank 0's host and a free port there, broadcast over MPI (as Lightning's MPIEnvironment does)."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise RuntimeError("mpirun started this process but MASTER_ADDR/MASTER_PORT are not set and mpi4py is not "
+                           "installed; pass them (mpirun -x MASTER_ADDR=host1 -x MASTER_PORT=29500 ...) or "
+                           "pip install mpi4py") from None
+    main = (socket.gethostname() if hosts > 1 else "127.0.0.1", free_port(host="")) if rank == 0 else None
+    return MPI.COMM_WORLD.bcast(main, root=0)

@@ -66,7 +66,7 @@ def ddp_epoch_indices(dataset_len: int, num_replicas: int, *, shuffle: bool, see
         indices = torch.randperm(dataset_len, generator=g).tolist()
     else:
         indices = list(range(dataset_len))
-    total = _ddp_num_samples(dataset_len, num_replicas, drop_last) * num_replicas
+    total = ddp_num_samples(dataset_len, num_replicas, drop_last) * num_replicas
     if drop_last:
         return indices[:total]
     padding = total - len(indices)
@@ -75,7 +75,7 @@ def ddp_epoch_indices(dataset_len: int, num_replicas: int, *, shuffle: bool, see
     return indices + (indices * math.ceil(padding / len(indices)))[:padding]
 
 
-def _ddp_num_samples(dataset_len: int, num_replicas: int, drop_last: bool) -> int:
+def ddp_num_samples(dataset_len: int, num_replicas: int, drop_last: bool) -> int:
     if drop_last and dataset_len % num_replicas:
         return math.ceil((dataset_len - num_replicas) / num_replicas)
     return math.ceil(dataset_len / num_replicas)
@@ -109,7 +109,7 @@ class CodedReduceBatchSampler(Sampler[list[int]]):
             self.num_replicas = check_int("num_replicas", replicas, 1, "use the number of DDP ranks")
             self.global_batch_size = self.per_rank_batch * self.num_replicas
             self.ddp_order = True
-            per_rank = _ddp_num_samples(self.dataset_len, self.num_replicas, self.sampler_drop_last)
+            per_rank = ddp_num_samples(self.dataset_len, self.num_replicas, self.sampler_drop_last)
             if per_rank == 0 or (self.drop_last and per_rank < self.per_rank_batch):
                 raise ValueError(
                     f"the dataset has {dataset_len} samples: {per_rank} per rank under DDP's sampler, fewer than "

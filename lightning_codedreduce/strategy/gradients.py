@@ -6,7 +6,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-FIRST_BUCKET_BYTES = 1 << 20  # DDP's first bucket: small, so that communication starts early in backward
+from ..engine.buckets import BucketLayout
+
 # gradient dtypes the reduce carries (half precision is reduced in float32)
 _REDUCIBLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -177,21 +178,9 @@ class GradientStream:
         key = tuple(id(p) for p in params)
         if key == self._layout_key:
             return
-        starts, offset = [], 0
-        for p in params:
-            starts.append(offset)
-            offset += p.numel()
-        self._offsets, self._buckets, size, members = {}, [], 0, []
-        for i in reversed(range(len(params))):  # backward reaches the last parameters first
-            members.append(i)
-            size += 4 * params[i].numel()
-            cap = min(self.bucket_bytes, FIRST_BUCKET_BYTES) if not self._buckets else self.bucket_bytes
-            if size >= cap or i == 0:
-                lo, hi = starts[members[-1]], starts[members[0]] + params[members[0]].numel()
-                for j in members:
-                    self._offsets[id(params[j])] = (starts[j], starts[j] + params[j].numel(), len(self._buckets))
-                self._buckets.append((lo, hi, len(members)))
-                size, members = 0, []
+        layout = BucketLayout.of(params, self.bucket_bytes)
+        self._offsets = {id(p): slot for p, slot in zip(params, layout.slots)}
+        self._buckets = list(layout.buckets)
         self._layout_key, self._params = key, params
 
     def start(self, reducer: Any, step: int, params: list[torch.nn.Parameter], dtype: torch.dtype) -> None:
