@@ -11,7 +11,14 @@ Schemes (``kind``):
               decodes from the first decodable set (at most W-1-s workers). Built from the plan
               machinery: a flat ``CodedReducePlan(W, W-1, s)`` whose root keeps no data;
 * ``allreduce`` DDP-style: ``torch.distributed.all_reduce`` of the flat gradient (gloo);
-* ``horovod`` Horovod ring all-reduce (``hvd.DistributedOptimizer``) under its own launcher.
+* ``horovod`` Horovod ring all-reduce: the Horovod training script ``hvd_script.py`` with ``horovod.torch``
+              under ``horovodrun --gloo`` (or the environment it sets, inside network namespaces);
+* ``hvd_api`` the same script with ``lightning_codedreduce.horovod`` (its plan from the scheme's
+              ``CODEDREDUCE_*`` settings): the coded share of the same global batch, in units of the
+              per-rank batch (``hvd.DistributedSampler``).
+
+``horovod`` and ``hvd_api`` (``SCRIPT_KINDS``) run one launch of the script per cell; the others run in the
+harness's own worker processes (``bench_worker.py``), every cell in one launch.
 
 Batch (``--batch``): ``global`` (default) gives every scheme the same global batch, ``W x per_rank_batch``
 (DDP's), so every scheme computes the same updates and time to any loss is the step-time ratio; a coded
@@ -40,6 +47,8 @@ from lightning_codedreduce.sim import (STRAGGLER_MODELS, MasterWorkerPlan, Strag
                                        persistent_speeds)
 
 BATCH_MODES = ("global", "per-rank")
+SCRIPT_KINDS = ("horovod", "hvd_api")  # schemes run by benchmarks/hvd_script.py, one launch per cell
+ON_REQUEST = ("hvd_api_bal",)  # run only when --schemes names them (each costs a launch per cell)
 ADAPT_EVERY = 5  # the auto scheme's steps between decisions (short cells: 25 steps)
 
 # ---------------------------------------------------------------------------- workloads
@@ -146,7 +155,7 @@ def message_floats(name: str) -> int:
 @dataclass(frozen=True)
 class Scheme:
     name: str
-    kind: str  # coded | gc | allreduce | horovod
+    kind: str  # coded | gc | allreduce | horovod | hvd_api
     branching: int = 0
     stragglers: int = 0
     layout: str = "tree"  # coded: the plan's layout (tree | balanced)
@@ -157,6 +166,8 @@ class Scheme:
     def label(self) -> str:
         if self.adaptive:
             return f"auto ({self.layout}, n={self.branching})"
+        if self.kind == "hvd_api":
+            return f"Horovod script, coded API ({self.layout}, n={self.branching}, s={self.stragglers})"
         if self.kind == "coded" and self.speeds is not None:
             return f"speed-proportional tree n={self.branching} s={self.stragglers}"
         if self.kind == "coded" and self.layout == "balanced":
@@ -165,7 +176,14 @@ class Scheme:
             return f"CodedReduce n={self.branching} s={self.stragglers}" if self.stragglers else \
                 f"uncoded tree n={self.branching} (s=0)"
         return {"gc": f"GC master-worker s={self.stragglers}", "allreduce": "DDP all_reduce (gloo)",
-                "horovod": "Horovod RAR (gloo)"}[self.kind]
+                "horovod": "Horovod script (horovod.torch, gloo ring)"}[self.kind]
+
+    def script_env(self) -> dict[str, str]:
+        """``hvd_api``: the ``CODEDREDUCE_*`` variables that give ``lightning_codedreduce.horovod`` this plan."""
+        if self.kind != "hvd_api":
+            return {}
+        return {"CODEDREDUCE_STRAGGLERS": str(self.stragglers), "CODEDREDUCE_BRANCHING": str(self.branching),
+                "CODEDREDUCE_LAYOUT": self.layout}
 
 
 def default_schemes(world: int, straggler: StragglerSpec | None = None, seed: int = 0) -> list[Scheme]:
@@ -182,12 +200,13 @@ def default_schemes(world: int, straggler: StragglerSpec | None = None, seed: in
     if set(speeds) != {1.0}:
         out.append(Scheme("prop_s0", "coded", 3, 0, speeds=tuple(speeds)))
     out += [Scheme("auto", "coded", 3, 0, "balanced", adaptive=True),
-            Scheme("ddp", "allreduce"), Scheme("gc_s1", "gc", flat, 1), Scheme("horovod", "horovod")]
+            Scheme("ddp", "allreduce"), Scheme("gc_s1", "gc", flat, 1), Scheme("horovod", "horovod"),
+            Scheme("hvd_api", "hvd_api", 3, 1), Scheme("hvd_api_bal", "hvd_api", 3, 1, "balanced")]
     return out
 
 
 def scheme_plan(scheme: Scheme, world: int):
-    if scheme.kind == "coded":
+    if scheme.kind in ("coded", "hvd_api"):
         return CodedReducePlan(world, scheme.branching, scheme.stragglers, layout=scheme.layout, speeds=scheme.speeds)
     if scheme.kind == "gc":
         return MasterWorkerPlan(world, scheme.stragglers)
@@ -214,6 +233,8 @@ def layout(scheme: Scheme, world: int, per_rank_batch: int, batch: str = "global
     if batch not in BATCH_MODES:
         raise ValueError(f"unknown batch mode {batch!r}; use one of {BATCH_MODES}")
     plan = scheme_plan(scheme, world)
+    if scheme.kind == "hvd_api":
+        return unit_layout(plan, per_rank_batch)
     if plan is None:
         b = per_rank_batch
         pos = [list(range(r * b, (r + 1) * b)) for r in range(world)]
@@ -225,6 +246,19 @@ def layout(scheme: Scheme, world: int, per_rank_batch: int, batch: str = "global
         pos.append([p for sh in shards for p in range(sh.start, sh.stop)])
         wts.append([sh.weight for sh in shards for _ in range(len(sh))])
     return Layout(B, plan.redundancy, pos, wts, [r for r in range(world) if pos[r]])
+
+
+def unit_layout(plan, per_rank_batch: int) -> Layout:
+    """What ``hvd.DistributedSampler`` gives each rank: Horovod's global batch (``W x per_rank_batch``) cut into
+    ``W`` units of ``per_rank_batch`` samples, allocated as ``plan.allocation(W)``. Always DDP's global batch:
+    that is the API's promise (``--batch per-rank`` does not apply)."""
+    W, b = plan.world_size, per_rank_batch
+    pos, wts = [], []
+    for shards in plan.allocation(W):
+        pos.append([u * b + i for sh in shards for u in range(sh.start, sh.stop) for i in range(b)])
+        wts.append([sh.weight for sh in shards for _ in range(len(sh) * b)])
+    total = sum(len(p) for p in pos)
+    return Layout(W * b, total / (W * b), pos, wts, [r for r in range(W) if pos[r]])
 
 
 def global_batch(n: int, B: int, seed: int, step: int, _cache: dict = {}) -> np.ndarray:  # noqa: B006

@@ -179,6 +179,7 @@ def main() -> None:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, f"{args.api}.rank{hvd.rank()}.json"), "w") as f:
             json.dump({"rank": hvd.rank(), "size": hvd.size(), "api": args.api, "seconds": train_s,
+                       "skipped_steps": getattr(hvd, "skipped_steps", lambda: 0)(),
                        "metrics": metrics, "params": [p.detach().double().flatten().tolist() for p in model.parameters()]},
                       f)
     if hvd.rank() == 0:

@@ -7,11 +7,16 @@ environment without other launchers' variables, and the results the ranks write.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
+import shutil
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytest
 
 from lightning_codedreduce._procs import Signal, run
 from lightning_codedreduce._util import free_port  # noqa: F401  (re-exported for the tests)
@@ -60,3 +65,34 @@ def run_all(commands: list[tuple[list[str], dict]], out_dir: Path, timeout: floa
     signals = [Signal(functools.partial(condition, out_dir), index, sig) for condition, index, sig in actions]
     res = run(commands, out_dir, timeout, actions=signals, cwd=ROOT)
     return Group(res.returncodes, res.outputs, res.exit_times, out_dir, {s.index: s.time for s in res.signals})
+
+
+MPI_BIN = ROOT / ".venv-mpi" / "bin"
+
+
+def mpi_launcher() -> tuple[str, str]:
+    """mpirun and a Python with mpi4py: ``make mpi`` (Open MPI and mpi4py from PyPI in .venv-mpi, seconds)."""
+    if not (MPI_BIN.parent / ".installed").exists():
+        proc = subprocess.run(["make", "mpi"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            pytest.skip("`make mpi` (Open MPI and mpi4py from PyPI into .venv-mpi) failed, so mpirun cannot be "
+                        f"tested here: {(proc.stderr or proc.stdout).strip()[-300:]}")
+    return str(MPI_BIN / "mpirun"), str(MPI_BIN / "python")
+
+
+def mpirun_env(**extra: str) -> dict:
+    """``clean_env`` plus what Open MPI needs to run as root (containers)."""
+    root = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"} if os.geteuid() == 0 else {}
+    return clean_env(**root, **extra)
+
+
+def horovodrun_exe() -> str:
+    """``horovodrun`` of the project's venv (``make test`` builds and installs Horovod first)."""
+    venv_bin = Path(sys.executable).parent
+    exe = shutil.which("horovodrun", path=f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}")
+    if exe is None:
+        pytest.skip("horovodrun is not installed (pip install horovod; benchmarks/horovod/build_wheel.sh builds "
+                    "0.28.1 for this torch); see README, Launchers")
+    if importlib.util.find_spec("horovod") is None:
+        pytest.skip("horovodrun is on PATH but the horovod package is not importable by this Python")
+    return exe

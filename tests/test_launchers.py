@@ -9,7 +9,6 @@ checks (no process group needed).
 """
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 import torch
 
 from lit_common import reference_train
-from procs import PY, ROOT, clean_env, free_port, run_all
+from procs import PY, ROOT, clean_env, free_port, horovodrun_exe, mpi_launcher, mpirun_env, run_all
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -100,45 +99,21 @@ def test_slurm_layout_mismatch_is_explained(monkeypatch):
 
 
 # ---------------------------------------------------------------- mpirun
-MPI_BIN = ROOT / ".venv-mpi" / "bin"
-
-
-def _mpi() -> tuple[str, str]:
-    """mpirun and a Python with mpi4py: ``make mpi`` (Open MPI and mpi4py from PyPI in .venv-mpi, seconds)."""
-    if not (MPI_BIN.parent / ".installed").exists():
-        proc = subprocess.run(["make", "mpi"], cwd=ROOT, capture_output=True, text=True, timeout=600)
-        if proc.returncode != 0:
-            pytest.skip("`make mpi` (Open MPI and mpi4py from PyPI into .venv-mpi) failed, so mpirun cannot be "
-                        f"tested here: {(proc.stderr or proc.stdout).strip()[-300:]}")
-    return str(MPI_BIN / "mpirun"), str(MPI_BIN / "python")
-
-
 def test_mpirun(tmp_path):
     """``mpirun -np 4 python train.py``: Lightning's MPIEnvironment (mpi4py) with strategy="codedreduce"."""
-    mpirun, python = _mpi()
+    mpirun, python = mpi_launcher()
     cmd = [mpirun, "-np", "4", "--oversubscribe", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS", python, WORKER,
            "--scenarios", "equiv", "--devices", "4", "--by-name", "--out", str(tmp_path)]
-    root = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"} if os.geteuid() == 0 else {}
-    group = run_all([(cmd, clean_env(**root))], tmp_path, timeout=240)
+    group = run_all([(cmd, mpirun_env())], tmp_path, timeout=240)
     group.check()
     _check_equivalence(group, 4, "MPIEnvironment")
 
 
 # ---------------------------------------------------------------- horovodrun
-def _horovodrun() -> str:
-    exe = shutil.which("horovodrun", path=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    if exe is None:
-        pytest.skip("horovodrun is not installed (pip install horovod; benchmarks/horovod/build_wheel.sh builds "
-                    "0.28.1 for this torch); see README, Launchers")
-    if importlib.util.find_spec("horovod") is None:
-        pytest.skip("horovodrun is on PATH but the horovod package is not importable by this Python")
-    return exe
-
-
 def test_horovodrun_gloo(tmp_path):
     """``horovodrun -np 4 -H localhost:4 --gloo python train.py`` with strategy="codedreduce" and the Trainer's
     devices left at their default: HorovodRunEnvironment is selected and takes horovodrun's layout."""
-    exe = _horovodrun()
+    exe = horovodrun_exe()
     env = clean_env(PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     cmd = [exe, "-np", "4", "-H", "localhost:4", "--gloo", PY, WORKER, "--scenarios", "equiv", "--by-name",
            "--out", str(tmp_path)]

@@ -73,6 +73,12 @@ def plan():
     return current().plan
 
 
+def skipped_steps() -> int:
+    """Steps this rank applied without computing them: the others had reduced them while it was behind
+    (CodedReduce's, not Horovod's)."""
+    return current().feed.skipped
+
+
 # Horovod names this module does not offer, and why (anything else unknown is a plain AttributeError)
 _NOT_OFFERED = {
     **dict.fromkeys(("allreduce_async", "allreduce_async_", "allgather_async", "broadcast_async", "broadcast_async_",
@@ -98,4 +104,4 @@ __all__ = ["Adasum", "Average", "Compression", "DistributedOptimizer", "Distribu
            "Sum", "allgather", "allgather_object", "allreduce", "allreduce_", "barrier", "broadcast", "broadcast_",
            "broadcast_object", "broadcast_optimizer_state", "broadcast_parameters", "cross_rank", "cross_size",
            "gloo_enabled", "global_process_set", "init", "is_homogeneous", "is_initialized", "join", "local_rank",
-           "local_size", "mpi_enabled", "nccl_built", "plan", "rank", "shutdown", "size"]
+           "local_size", "mpi_enabled", "nccl_built", "plan", "rank", "shutdown", "size", "skipped_steps"]

@@ -60,24 +60,27 @@ def init(comm: Any = None, process_sets: Any = None, *, stragglers: Optional[int
                          "reduce over a subset would not decode. Call hvd.init() without process_sets")
     if _RUNTIME is not None:
         return
+    s = _env_int("CODEDREDUCE_STRAGGLERS", 1) if stragglers is None else stragglers
+    n = _env_int("CODEDREDUCE_BRANCHING", 3) if branching is None else branching
+    lay = (os.environ.get("CODEDREDUCE_LAYOUT") or "tree") if layout is None else layout
+    if lay not in ("tree", "balanced"):
+        raise ValueError(f"layout must be 'tree' or 'balanced', got {lay!r} (the Horovod API fixes it at init, before "
+                         "the gradient size is known; 'balanced' suits gradients of several MB)")
+    wait = float(os.environ.get("CODEDREDUCE_TIMEOUT") or 30.0) if timeout is None else timeout
     info = launch_info()
     owns = not dist.is_initialized()
+    if not owns and info.launcher == "single":  # the script initialised torch.distributed itself: its ranks
+        world = dist.get_world_size()
+        info = LaunchInfo("torch.distributed", dist.get_rank(), world, dist.get_rank(), world, 0, 1)
+    plan = CodedReducePlan(info.size, n, s if info.size > 1 else 0, layout=lay)  # bad values: the plan's errors
     if owns:
         addr, port = info.main_address()
         os.environ.setdefault("MASTER_ADDR", addr)
         os.environ.setdefault("MASTER_PORT", str(port))
         dist.init_process_group("gloo", rank=info.rank, world_size=info.size)
     elif (dist.get_rank(), dist.get_world_size()) != (info.rank, info.size):
-        info = LaunchInfo(info.launcher, dist.get_rank(), dist.get_world_size(), info.local_rank, info.local_size,
-                          info.cross_rank, info.cross_size)
-    s = _env_int("CODEDREDUCE_STRAGGLERS", 1) if stragglers is None else stragglers
-    n = _env_int("CODEDREDUCE_BRANCHING", 3) if branching is None else branching
-    lay = (os.environ.get("CODEDREDUCE_LAYOUT") or "tree") if layout is None else layout
-    if lay not in ("tree", "balanced"):
-        raise ValueError(f"layout must be 'tree' or 'balanced', got {lay!r} (the Horovod API fixes it at init, before "
-                         "the gradient size is known)")
-    wait = float(os.environ.get("CODEDREDUCE_TIMEOUT") or 30.0) if timeout is None else timeout
-    plan = CodedReducePlan(info.size, n, s if info.size > 1 else 0, layout=lay)
+        raise RuntimeError(f"torch.distributed is initialised as rank {dist.get_rank()} of {dist.get_world_size()}, but "
+                           f"the launcher ({info.launcher}) says rank {info.rank} of {info.size}")
     uncoded = all(len(shards) == 1 and len(shards[0]) == 1 and shards[0].weight == 1.0
                   for shards in plan.allocation(plan.world_size))
     _RUNTIME = Runtime(info, plan, CodedReducer(plan, timeout=wait), owns, PieceFeed(uncoded))
