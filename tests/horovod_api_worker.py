@@ -18,6 +18,7 @@ import horovod.torch as ref
 import lightning_codedreduce.horovod as hvd
 
 torch.set_default_dtype(torch.float64)
+EARLY_BUCKETS: list[int] = []  # per training run with our optimizer: buckets handed in while its last backward ran
 torch.set_num_threads(1)
 
 
@@ -66,6 +67,8 @@ def train(api, loop: str, **options) -> list[torch.Tensor]:
                 opt.step()
         else:
             opt.step()
+    if api is hvd:
+        EARLY_BUCKETS.append(opt.early_buckets)
     return [p.detach().clone() for p in net.parameters()]
 
 
@@ -144,6 +147,7 @@ def main() -> None:
             mine = train(hvd, loop, **{k: getattr(hvd, v) if k == "op" else v for k, v in options.items()})
             theirs = train(ref, loop, **{k: getattr(ref, v) if k == "op" else v for k, v in options.items()})
             res[label] = diff(mine, theirs) / max(float(q.abs().max()) for q in theirs)
+    res["early_buckets"] = EARLY_BUCKETS
     hvd.barrier()
     ref.barrier()
     res["join"] = [hvd.join(), ref.join()]
