@@ -64,7 +64,7 @@ class PieceFeed:
         return True
 
     # ------------------------------------------------------------------ the optimizer's side
-    def attach(self, backward_passes_per_step: int, catch_up: Callable[[], bool]) -> None:
+    def attach(self, backward_passes_per_step: int, catch_up: Optional[Callable[[], bool]]) -> None:
         self.backward_passes_per_step, self._catch_up = backward_passes_per_step, catch_up
 
     def take(self) -> tuple[StepPiece, bool]:

@@ -53,7 +53,8 @@ class CodedGradients:
         self._ready: Optional[int] = None  # a step handed in whole, waiting for synchronize()
         self.early_buckets = 0  # buckets of the last closing backward handed in while it ran
         self._handles = [p.register_post_accumulate_grad_hook(self._on_gradient) for p in params]
-        self._feed.attach(backward_passes_per_step, self.catch_up)
+        self._backward_passes_per_step = backward_passes_per_step
+        self._feed.attach(backward_passes_per_step, None)  # catch-up: see catch_up_allowed
 
     @property
     def pending(self) -> bool:
@@ -114,6 +115,11 @@ class CodedGradients:
         step, self._ready, self._flat = self._ready, None, None
         self._write(self._reducer.finish(step))
         return True
+
+    def catch_up_allowed(self, allowed: bool) -> None:
+        """Allowed once the script is seen to step plainly; not when it edits the averaged gradient before its
+        step (a skipped step could not repeat that)."""
+        self._feed.attach(self._backward_passes_per_step, self.catch_up if allowed else None)
 
     def catch_up(self) -> bool:
         """If the others already reduced this rank's next step: apply its result without computing it."""

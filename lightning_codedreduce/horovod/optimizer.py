@@ -60,6 +60,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._synchronized = False  # synchronize() ran since the last step()
         self._has_result = False  # ... and wrote a coded step's average into .grad
         self._should_synchronize = True
+        self._edits_gradients = False  # the script calls synchronize() itself: no catch-up (see synchronize)
 
     @property
     def early_buckets(self) -> int:
@@ -67,7 +68,15 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         return self._gradients.early_buckets
 
     def synchronize(self) -> None:
-        """Wait for the step's reduce and write the average into ``.grad`` (nothing between a step's batches)."""
+        """Wait for the step's reduce and write the average into ``.grad`` (nothing between a step's batches).
+
+        A script that calls it changes the gradient before ``step()`` (e.g. clips it), which a rank catching
+        up could not repeat: from then on a lagging rank computes every step instead of skipping it."""
+        self._edits_gradients = True
+        self._gradients.catch_up_allowed(False)
+        self._synchronize()
+
+    def _synchronize(self) -> None:
         self._has_result = self._gradients.synchronize() or self._has_result
         self._synchronized = True
 
@@ -82,11 +91,13 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
     def step(self, closure: Any = None) -> Any:
         if self._should_synchronize:
+            if not self._synchronized and not self._edits_gradients:  # a plain step: a skipped step can repeat it
+                self._gradients.catch_up_allowed(True)
             if self._synchronized:
                 warnings.warn("optimizer.step() called without optimizer.skip_synchronize() context after "
                               "optimizer.synchronize(). This can cause training slowdown. You may want to consider "
                               "using optimizer.skip_synchronize() context if you use optimizer.synchronize() in your code.")
-            self.synchronize()
+            self._synchronize()
         self._synchronized = False
         if not self._has_result:
             return None  # not a step's last batch on this rank: its gradient waits in the step's message
