@@ -44,6 +44,9 @@ parser.add_argument("--train-size", type=int, default=4096, help="generated trai
 parser.add_argument("--test-size", type=int, default=1024, help="generated test samples")
 parser.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                     help="model and data precision (float64: the two APIs agree to rounding, whatever the code)")
+parser.add_argument("--torch-sampler", action="store_true",
+                    help="train with torch's DistributedSampler even under codedreduce (the script changed by its import "
+                         "alone: needs CODEDREDUCE_STRAGGLERS=0, an uncoded sum)")
 parser.add_argument("--slow-rank", type=int, default=-1, help="this rank's compute is --slow-factor times slower")
 parser.add_argument("--slow-factor", type=float, default=3.0)
 parser.add_argument("--out", default=None, help="write this rank's results (parameters, timings) as JSON here")
@@ -91,7 +94,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     train_dataset = generated_mnist(args.train_size, seed=1, dtype=dtype)
     # Horovod: use DistributedSampler to partition the training data (CodedReduce: its coded share of it).
-    if hasattr(hvd, "DistributedSampler"):
+    if hasattr(hvd, "DistributedSampler") and not args.torch_sampler:
         train_sampler = hvd.DistributedSampler(train_dataset, num_replicas=hvd.size(), rank=hvd.rank(),
                                                batch_size=args.batch_size)
     else:

@@ -118,6 +118,18 @@ def test_example_under_torchrun_and_mpirun(horovod_runs, tmp_path):
 
 
 @pytest.mark.timeout(600)
+def test_changing_only_the_import(horovod_runs, tmp_path):
+    """The script with torch's sampler and only its import changed: with stragglers=0 (each rank its own batch,
+    an uncoded sum) Horovod's parameters; with stragglers=1 every rank stops with the fix (use hvd.DistributedSampler)."""
+    args = [EXAMPLE, "--dtype", "float64", *EXAMPLE_ARGS, "--torch-sampler"]
+    _torchrun_env([*args, "--out", str(tmp_path / "s0")], tmp_path / "l0", env={"CODEDREDUCE_STRAGGLERS": "0"}).check()
+    _assert_same_parameters(tmp_path / "s0", horovod_runs / "float64", 1e-9)
+    group = _torchrun_env([*args, "--out", str(tmp_path / "s1")], tmp_path / "l1", env={"CODEDREDUCE_TIMEOUT": "10"})
+    assert all(rc != 0 for rc in group.returncodes)
+    assert "needs the training data from hvd.DistributedSampler" in group.outputs[0]
+
+
+@pytest.mark.timeout(600)
 def test_sigkill_of_a_leaf_during_the_example(horovod_runs, tmp_path):
     """Rank 3 (a leaf of the W=4 tree, stragglers=1) is SIGKILLed when rank 0 starts the second epoch. The
     survivors finish all three epochs with Horovod's parameters (every step's global batch, the dead rank's
