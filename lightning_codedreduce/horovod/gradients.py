@@ -72,7 +72,7 @@ class CodedGradients:
                 raise ValueError("a sparse gradient (e.g. nn.Embedding(sparse=True)) cannot be coded; pass "
                                  "hvd.DistributedOptimizer(..., sparse_as_dense=True) or use a dense embedding")
             grad = grad.to_dense()
-        self._flat[lo:hi].add_(grad.detach().reshape(-1), alpha=self._piece.scale)
+        self._flat[lo:hi].add_(grad.detach().reshape(-1).cpu(), alpha=self._piece.scale)  # (CUDA: staged to host)
         p.grad = None
         if self._closes and id(p) not in self._final:
             self._final.add(id(p))
