@@ -4,11 +4,14 @@
     python benchmarks/harness.py --quick    # W=7, logistic regression, none/paper/heavy, 12 steps (< 5 min)
     python benchmarks/harness.py --worlds 13 --rate 100mbit --workloads mlp --stragglers heavy
 
-Every scheme runs the same workload as a plain PyTorch training loop (``bench_worker.py``), in the
-same processes one after the other (Horovod included), on an emulated network: one network
-namespace per rank, a bridge, ``tbf`` at ``--rate`` per host and direction (benchmarks/netns.py),
-created and always torn down here. Where namespaces are not permitted the harness says so, runs on
-loopback and marks every result ``network: loopback``.
+Every scheme runs the same workload on an emulated network: one network namespace per rank, a bridge,
+``tbf`` at ``--rate`` per host and direction (benchmarks/netns.py), created and always torn down here.
+Where namespaces are not permitted the harness says so, runs on loopback and marks every result
+``network: loopback``. The harness's own schemes are plain PyTorch training loops (``bench_worker.py``),
+in the same processes one after the other; Horovod (``horovod``) and its coded port (``hvd_api``) are one
+Horovod training script (``hvd_script.py``) under ``horovod.torch`` and under
+``lightning_codedreduce.horovod``, one launch per cell (``horovodrun --gloo`` on loopback; inside
+namespaces the environment horovodrun would set, per rank).
 
 Writes ``<out>/results.json`` (every measurement, ratios, goals, simulator validation),
 ``<out>/results.md`` and PNG plots, and prints the tables. See benchmarks/README.md.
@@ -32,10 +35,13 @@ from lightning_codedreduce._procs import Launcher  # noqa: E402
 from lightning_codedreduce._util import free_port  # noqa: E402
 from benchmarks import netns, report  # noqa: E402
 from benchmarks.workloads import (  # noqa: E402
-    BATCH_MODES, STRAGGLER_MODELS, WORKLOADS, StragglerSpec, default_schemes, make_data)
+    BATCH_MODES, ON_REQUEST, SCRIPT_KINDS, STRAGGLER_MODELS, WORKLOADS, Scheme, StragglerSpec, default_schemes,
+    make_data)
 
 WORKER = ROOT / "benchmarks" / "bench_worker.py"
-MASTER_PORT = 29511
+SCRIPT = ROOT / "benchmarks" / "hvd_script.py"
+MASTER_PORT = 29511  # inside fresh namespaces nothing else listens; script launches use the ports after it
+LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def horovod_status(python: str) -> tuple[bool, str]:
@@ -59,8 +65,10 @@ def plan_cells(world: int, workloads: list[str], stragglers: list[str], schemes:
             for sc in default_schemes(world, spec, seed):
                 if schemes and sc.name not in schemes and sc.kind not in schemes:
                     continue
-                if not schemes and sc.name in ("auto", "prop_s0", "crb_s2") and quick:
+                if not schemes and sc.name in ("auto", "prop_s0", "crb_s2", "hvd_api") and quick:
                     continue  # quick mode: the paper's schemes and the baselines only
+                if sc.name in ON_REQUEST and sc.name not in (schemes or ()):
+                    continue
                 if sc.kind == "horovod" and not horovod:
                     continue
                 cells.append({"id": f"W{world}-{name}-{model}-{sc.name}", "world": world, "workload": name,
@@ -83,54 +91,103 @@ class Launch(Launcher):
                                + (res.tails(errors_only=True, most=3) or "(no error in the logs)"))
 
 
-def run_world(world: int, cells: list[dict], args, data: dict, out_dir: Path, net_mode: str,
-              hvd_launcher: str) -> None:
-    """Run one world size's cells in one launch on a fresh emulated network (or loopback)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    hvd = any(c["scheme"]["kind"] == "horovod" for c in cells)
+def base_env(args: argparse.Namespace, net: netns.EmulatedNetwork | None) -> dict:
+    """The environment every launched process starts from: no other launcher's variables, one thread, gloo on
+    the namespace's interface (or loopback)."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("HOROVOD_")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               GLOO_SOCKET_IFNAME=net.iface if net else "lo")
+    # Horovod's background thread negotiates every cycle; its 1 ms default costs ~18% of a core per
+    # idle rank, which starves 13 ranks on this 2-core host. 20 ms gave Horovod its best step times
+    # here (W=13: 163/206 ms logreg/mlp against 204/368 ms at 5 ms); see benchmarks/README.md.
+    env["HOROVOD_CYCLE_TIME"] = str(args.horovod_cycle_ms)
+    return env
+
+
+def rank_env(env: dict, rank: int, world: int, net: netns.EmulatedNetwork | None, port: int,
+             horovod: bool = False) -> dict:
+    """What torchrun sets for ``rank``, and with ``horovod`` also what horovodrun would (one "host" per rank;
+    rank 0 of a Horovod script then hosts the rendezvous server: benchmarks/hvd_rendezvous.py)."""
+    addr = net.address(0) if net else "127.0.0.1"
+    env = dict(env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR=addr, MASTER_PORT=str(port))
+    if not horovod:
+        return env
+    return dict(env, HOROVOD_HOSTNAME=f"h{rank}", HOROVOD_RANK=str(rank), HOROVOD_SIZE=str(world),
+                HOROVOD_LOCAL_RANK="0", HOROVOD_LOCAL_SIZE="1", HOROVOD_CROSS_RANK=str(rank),
+                HOROVOD_CROSS_SIZE=str(world), HOROVOD_CONTROLLER="gloo", HOROVOD_CPU_OPERATIONS="gloo",
+                HOROVOD_GLOO_RENDEZVOUS_ADDR=addr, HOROVOD_GLOO_IFACE=net.iface if net else "lo")
+
+
+def run_workers(world: int, cells: list[dict], args: argparse.Namespace, data: dict, out_dir: Path,
+                net: netns.EmulatedNetwork | None) -> None:
+    """The harness's own schemes: every cell in one launch of ``bench_worker.py`` per rank."""
     cfg = {"out_dir": str(out_dir), "seed": args.seed, "data": data, "engine_timeout": 60.0,
            "compute_s": {k: args.compute[k] for k in data}, "cells": cells}
     cfg_path = out_dir / "config.json"
     cfg_path.write_text(json.dumps(cfg, indent=1))
-    (out_dir / "hvd_rendezvous_port").unlink(missing_ok=True)
+    env = base_env(args, net)
+    port = MASTER_PORT if net else free_port()
+    with Launch(out_dir, f"W={world}") as launch:
+        for r in range(world):
+            cmd = (net.exec_prefix(r) if net else []) + [args.python, str(WORKER), "--config", str(cfg_path)]
+            launch.start(cmd, rank_env(env, r, world, net, port), f"rank{r}.log")
+        launch.wait(120 + sum(report.cell_budget(c, args.compute) for c in cells))
+
+
+def script_argv(cell: dict, args: argparse.Namespace, data: dict, cell_dir: Path) -> list[str]:
+    """``hvd_script.py``'s command line for ``cell``: its API, workload, straggler model and emulated compute."""
+    name = cell["workload"]
+    api = "horovod" if cell["scheme"]["kind"] == "horovod" else "codedreduce"
+    argv = [args.python, str(SCRIPT), "--api", api, "--workload", name, "--steps", str(cell["steps"]),
+            "--stragglers", cell["straggler"]["name"], "--seed", str(args.seed), "--compute-s", str(args.compute[name]),
+            "--dtype", args.script_dtype, "--data-dir", str(Path(data[name][0]).parent), "--out", str(cell_dir),
+            "--cell", cell["id"]]
+    return argv + (["--save-params"] if args.save_params else [])
+
+
+def run_script_cell(world: int, cell: dict, index: int, args: argparse.Namespace, data: dict, out_dir: Path,
+                    net: netns.EmulatedNetwork | None, launcher: str) -> None:
+    """One cell of the Horovod script: ``horovodrun --gloo`` (loopback), or per rank the environment it would set."""
+    cell_dir = out_dir / "cells" / cell["id"]
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(base_env(args, net), **Scheme(**cell["scheme"]).script_env())
+    argv = script_argv(cell, args, data, cell_dir)
+    budget = 60 + report.cell_budget(cell, args.compute)
+    with Launch(cell_dir, cell["id"]) as launch:
+        if launcher == "horovodrun":
+            hvdrun = str(Path(args.python).parent / "horovodrun")
+            launch.start([hvdrun, "-np", str(world), "-H", f"localhost:{world}", "--gloo"] + argv, env, "horovodrun.log")
+        else:
+            port = MASTER_PORT + 1 + index if net else free_port()
+            for r in range(world):
+                launch.start((net.exec_prefix(r) if net else []) + argv,
+                             rank_env(env, r, world, net, port, horovod=True), f"rank{r}.log")
+        launch.wait(budget)
+
+
+def run_world(world: int, cells: list[dict], args, data: dict, out_dir: Path, net_mode: str,
+              hvd_launcher: str) -> None:
+    """Run one world size's cells on a fresh emulated network (or loopback): the harness's own schemes in one
+    launch, then every Horovod-script cell in a launch of its own."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    workers = [c for c in cells if c["scheme"]["kind"] not in SCRIPT_KINDS]
+    scripts = [c for c in cells if c["scheme"]["kind"] in SCRIPT_KINDS]
+    (out_dir / "config_script.json").write_text(json.dumps({"cells": scripts}, indent=1))  # for report.load_raw
     net = netns.EmulatedNetwork(world, rate=args.rate) if net_mode == "netns" else None
-    py = args.python
-    launch = Launch(out_dir, f"W={world}")
     try:
         if net is not None:
             net.__enter__()
-        port = MASTER_PORT if net else free_port()  # fresh namespaces: nothing else listens there
-        common = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-                      WORLD_SIZE=str(world), MASTER_ADDR=net.address(0) if net else "127.0.0.1",
-                      MASTER_PORT=str(port), GLOO_SOCKET_IFNAME=net.iface if net else "lo")
-        for k in ("HOROVOD_GLOO_RENDEZVOUS_PORT", "RANK", "LOCAL_RANK"):
-            common.pop(k, None)
-        # Horovod's background thread negotiates every cycle; its 1 ms default costs ~18% of a core per
-        # idle rank, which starves 13 ranks on this 2-core host. 20 ms gave Horovod its best step times
-        # here (W=13: 163/206 ms logreg/mlp against 204/368 ms at 5 ms); see benchmarks/README.md.
-        common["HOROVOD_CYCLE_TIME"] = str(args.horovod_cycle_ms)
         t = time.monotonic()
         print(f"  W={world}: {len(cells)} cells ({'namespaces, ' + args.rate if net else 'loopback'}"
-              f"{', Horovod via ' + hvd_launcher if hvd else ''})", flush=True)
-        if hvd and net is None and hvd_launcher == "horovodrun":
-            hvdrun = str(Path(py).parent / "horovodrun")
-            launch.start([hvdrun, "-np", str(world), "-H", f"localhost:{world}", "--gloo",
-                          py, str(WORKER), "--config", str(cfg_path)], common, "horovodrun.log")
-        else:
-            for r in range(world):
-                env = dict(common, RANK=str(r), LOCAL_RANK=str(r))
-                if hvd:  # what horovodrun would set; one "host" per rank
-                    env.update(HOROVOD_HOSTNAME=f"h{r}", HOROVOD_RANK=str(r), HOROVOD_SIZE=str(world),
-                               HOROVOD_LOCAL_RANK="0", HOROVOD_LOCAL_SIZE="1", HOROVOD_CROSS_RANK=str(r),
-                               HOROVOD_CROSS_SIZE=str(world), HOROVOD_CONTROLLER="gloo", HOROVOD_CPU_OPERATIONS="gloo",
-                               HOROVOD_GLOO_RENDEZVOUS_ADDR=net.address(0) if net else "127.0.0.1",
-                               HOROVOD_GLOO_IFACE=net.iface if net else "lo")
-                cmd = (net.exec_prefix(r) if net else []) + [py, str(WORKER), "--config", str(cfg_path)]
-                launch.start(cmd, env, f"rank{r}.log")
-        launch.wait(120 + sum(report.cell_budget(c, args.compute) for c in cells))
+              f"{f', {len(scripts)} Horovod-script launches via ' + hvd_launcher if scripts else ''})", flush=True)
+        if workers:
+            run_workers(world, workers, args, data, out_dir, net)
+        for i, cell in enumerate(scripts):
+            t_cell = time.monotonic()
+            run_script_cell(world, cell, i, args, data, out_dir, net, hvd_launcher)
+            print(f"  {cell['id']}: {time.monotonic() - t_cell:.1f} s", flush=True)
         print(f"  W={world}: done in {time.monotonic() - t:.0f} s", flush=True)
     finally:
-        launch.close()
         if net is not None:
             net.teardown()
 
@@ -145,13 +202,20 @@ def parse_args(argv=None):
     p.add_argument("--batch", choices=BATCH_MODES, default="global",
                    help="global: every scheme trains on the same global batch (W x per-rank batch), so step-time "
                         "ratios are time-to-loss ratios; per-rank: equal compute per rank (compares communication)")
-    p.add_argument("--schemes", nargs="+", help="scheme names or kinds (coded, gc, allreduce, horovod)")
+    p.add_argument("--schemes", nargs="+",
+                   help="scheme names or kinds (coded, gc, allreduce, horovod, hvd_api); hvd_api_bal (the coded API "
+                        "in the balanced layout) runs only when named")
     p.add_argument("--steps", type=int, help="steps per cell (default 25, quick 12)")
     p.add_argument("--rate", default="1gbit", help="per-host link rate, e.g. 1gbit or 100mbit")
     p.add_argument("--network", choices=["auto", "netns", "loopback"], default="auto")
     p.add_argument("--horovod", choices=["auto", "off"], default="auto", help="off: skip the Horovod baseline")
     p.add_argument("--horovod-launcher", choices=["auto", "horovodrun", "env"], default="auto",
-                   help="loopback: horovodrun --gloo; namespaces: the same environment set per rank (env)")
+                   help="Horovod-script cells; loopback: horovodrun --gloo; namespaces: the same environment set per "
+                        "rank (env)")
+    p.add_argument("--script-dtype", choices=["float32", "float64"], default="float32",
+                   help="precision of the Horovod-script cells (float64: the two APIs agree to rounding)")
+    p.add_argument("--save-params", action="store_true",
+                   help="Horovod-script cells: rank 0 writes its final parameters (raw/W*/cells/<id>/params.npy)")
     p.add_argument("--horovod-cycle-ms", type=float, default=20.0,
                    help="HOROVOD_CYCLE_TIME (the 1 ms default busy-polls; see benchmarks/README.md)")
     p.add_argument("--compute-logreg", type=float, default=WORKLOADS["logreg"]["compute_s"],
@@ -205,13 +269,17 @@ def main(argv=None) -> int:
         print(f"NOTE: Horovod baseline skipped: {hvd_why}", flush=True)
     hvd_launcher = args.horovod_launcher
     if hvd_launcher == "auto":
-        hvd_launcher = "env" if net_mode == "netns" else "horovodrun"
+        hvd_launcher = "env" if net_mode == "netns" or not hvd_ok else "horovodrun"
     if net_mode == "netns" and hvd_launcher == "horovodrun":
         print("NOTE: horovodrun cannot start ranks inside network namespaces; using its environment (env)")
+        hvd_launcher = "env"
+    if hvd_launcher == "horovodrun" and not hvd_ok:
+        print("NOTE: no horovodrun (Horovod not installed); the coded API's script cells get torchrun's environment")
         hvd_launcher = "env"
     meta = {"network": {"mode": net_mode, "rate": args.rate if net_mode == "netns" else None, "note": net_note},
             "horovod": {"available": hvd_ok, "reason": hvd_why, "launcher": hvd_launcher if hvd_ok else None,
                         "cycle_time_ms": args.horovod_cycle_ms},
+            "script": {"launcher": hvd_launcher, "dtype": args.script_dtype},
             "worlds": args.worlds, "workloads": {k: dict(WORKLOADS[k], compute_s=args.compute[k]) for k in args.workloads},
             "stragglers": {m: StragglerSpec.default(m).describe() for m in args.stragglers},
             "steps": args.steps_by, "seed": args.seed, "quick": args.quick, "host_cpus": os.cpu_count(),
@@ -237,6 +305,9 @@ def finish(args, raw: Path, meta: dict, out: Path, t_start: float) -> int:
     report.write(results, out, plots=not args.no_plots)
     print(report.headline(results))
     print("\nRegimes x schemes:\n" + report.regime_table(results))
+    scripts = report.script_table(results)
+    if scripts:
+        print("\nHorovod script, horovod.torch vs the coded API (lightning_codedreduce.horovod):\n" + scripts)
     if any("bank" in WORKLOADS[m["workload"]] for m in results["cells"]):
         print("\nModel sizes (balanced layout vs the rest, same per-rank batch):\n" + report.size_table(results))
     print(f"\nwrote {args.out}/results.json, results.md and plots in {time.monotonic() - t_start:.0f} s")

@@ -5,10 +5,10 @@
     torchrun --standalone --nproc_per_node=4 benchmarks/hvd_script.py --api codedreduce --out DIR
 
 It is written once against Horovod's PyTorch API (``hvd.init``, ``DistributedOptimizer``,
-``broadcast_parameters``, ``broadcast_optimizer_state``, ``synchronize``/``skip_synchronize``, collectives),
-so the baseline is what a Horovod user runs, and the port differs only where the migration guide says:
-the import (``--api``) and the training sampler (``hvd.DistributedSampler(..., batch_size=b)`` when the
-API has one; torch's ``DistributedSampler`` under ``horovod.torch``).
+``broadcast_parameters``, ``broadcast_optimizer_state``, collectives), so the baseline is what a Horovod
+user runs, and the port differs only where the migration guide says: the import (``--api``) and the
+training sampler (``hvd.DistributedSampler(..., batch_size=b)`` when the API has one; torch's
+``DistributedSampler`` under ``horovod.torch``).
 
 What makes it a benchmark, shared with the harness's own loops (``bench_worker.py``):
 
@@ -19,8 +19,13 @@ What makes it a benchmark, shared with the harness's own loops (``bench_worker.p
   workload's speed plus the straggler model's delay; every rank may straggle, rank 0 included), then runs
   the real forward/backward of its loader batches (one under Horovod, its units under the coded API);
 * it writes ``rank<r>.json`` in the harness's per-rank format (``report.cell_metrics`` reads it): per step
-  ``start``/``target_end``/``stall``/``real``/``c1`` (compute), ``t_in``/``t_out`` (``synchronize()``),
-  ``t_done``; a step the coded API applied without computing it (catch-up) has ``skipped: true``.
+  ``start``/``target_end``/``stall``/``real``/``c1`` (compute), ``t_in``/``t_out`` (around the step's closing
+  ``optimizer.step()``: the wait for the reduce, and the update), ``t_done``; a step the coded API applied
+  without computing it (catch-up) has ``skipped: true``.
+
+The loop steps plainly (``optimizer.step()``, no ``synchronize()``): the coded API lets a lagging rank skip
+steps the others already reduced only for such scripts (one that edits the averaged gradient between
+``synchronize()`` and ``step()`` could not repeat that edit on a skipped step).
 """
 from __future__ import annotations
 
@@ -128,13 +133,11 @@ def train(hvd: ModuleType, a: argparse.Namespace) -> dict:
         c1 = time.monotonic()
         real, seen = real + (c1 - c0), seen + 1
         t_in = time.monotonic()
-        optimizer.synchronize()  # Horovod: its allreduces; the coded API: the step's sum (after its last batch)
-        t_out = time.monotonic()
-        with optimizer.skip_synchronize():
-            optimizer.step()
+        optimizer.step()  # Horovod: its allreduces, then the update; coded: the step's sum after its last batch
         if seen == batches:
             emu.ran(rec, real, c1)
-            rec.update(t_in=t_in, t_out=t_out, t_done=time.monotonic())
+            t_done = time.monotonic()
+            rec.update(t_in=t_in, t_out=t_done, t_done=t_done)
             recs.append(rec)
             last, rec = rec["t_done"], None
     recs += [skipped(s, last, time.monotonic()) for s in range(len(recs), a.steps)]
