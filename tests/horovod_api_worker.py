@@ -7,6 +7,7 @@ value the test compares). Training checks run in float64 so that the two agree t
 import argparse
 import json
 import os
+import time
 import warnings
 
 import torch
@@ -43,11 +44,18 @@ def data() -> TensorDataset:
     return TensorDataset(x, (x[:, :3] * 2).argmax(1))
 
 
-def train(api, loop: str, **options) -> list[torch.Tensor]:
-    """One epoch (6 steps at 8 samples per rank) with ``api``'s optimizer and sampler; the parameters after it."""
+def train(api, loop: str, slow_rank: int = -1, **options) -> list[torch.Tensor]:
+    """One epoch (6 steps at 8 samples per rank) with ``api``'s optimizer and sampler; the parameters after it.
+    ``loop="edit"``: ours registers the clipping with ``edit_gradients`` and steps plainly (Horovod's runs "clip").
+    ``slow_rank`` sleeps 0.2 s after each of its backward passes."""
     net = model(1)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     opt = api.DistributedOptimizer(opt, named_parameters=net.named_parameters(), **options)
+    if loop == "edit":
+        if api is hvd:
+            opt.edit_gradients(lambda: nn.utils.clip_grad_norm_(net.parameters(), 0.05))
+        else:
+            loop = "clip"
     dataset = data()
     if api is hvd:
         sampler = hvd.DistributedSampler(dataset, batch_size=8)
@@ -58,6 +66,8 @@ def train(api, loop: str, **options) -> list[torch.Tensor]:
         if i % passes == 0:
             opt.zero_grad()
         F.cross_entropy(net(x), y).backward()
+        if api.rank() == slow_rank:
+            time.sleep(0.2)
         if (i + 1) % passes:
             continue
         if loop == "clip":  # Horovod's pattern for clipping the averaged gradient
@@ -147,6 +157,11 @@ def main() -> None:
             mine = train(hvd, loop, **{k: getattr(hvd, v) if k == "op" else v for k, v in options.items()})
             theirs = train(ref, loop, **{k: getattr(ref, v) if k == "op" else v for k, v in options.items()})
             res[label] = diff(mine, theirs) / max(float(q.abs().max()) for q in theirs)
+        # a slow rank skips steps (catch-up) and still applies the clipped update, registered with edit_gradients
+        skipped = hvd.skipped_steps()
+        mine, theirs = train(hvd, "edit", slow_rank=2), train(ref, "edit")
+        res["optimizer_clip_edit_slow_rank"] = diff(mine, theirs) / max(float(q.abs().max()) for q in theirs)
+        res["skipped_by_slow_rank"] = hvd.skipped_steps() - skipped
     res["early_buckets"] = EARLY_BUCKETS
     hvd.barrier()
     ref.barrier()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -54,7 +54,14 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self.backward_passes_per_step = backward_passes_per_step
         scale = 1.0 / runtime.info.size if op == ReduceOp.Average else 1.0
         wrapped_step = super(self.__class__, self).step
-        self._gradients = CodedGradients(trained, runtime, scale, wrapped_step,
+        self._edit: Optional[Callable[[], Any]] = None  # edit_gradients(): runs before every update
+
+        def apply_caught_up() -> None:  # a step the others reduced while this rank was behind
+            if self._edit is not None:
+                self._edit()
+            wrapped_step()
+
+        self._gradients = CodedGradients(trained, runtime, scale, apply_caught_up,
                                          backward_passes_per_step=backward_passes_per_step,
                                          bucket_bytes=bucket_bytes, sparse_as_dense=sparse_as_dense)
         self._synchronized = False  # synchronize() ran since the last step()
@@ -67,13 +74,24 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         """Buckets of the last step handed to the reduce while its backward still ran."""
         return self._gradients.early_buckets
 
+    def edit_gradients(self, edit: Optional[Callable[[], Any]]) -> None:
+        """Run ``edit()`` on the averaged gradient before every update, e.g.
+        ``optimizer.edit_gradients(lambda: clip_grad_norm_(model.parameters(), 1.0))`` with a plain ``step()``.
+
+        Not Horovod's: a Horovod script clips between ``synchronize()`` and ``step()``, which a rank that skips
+        a step it fell behind on cannot repeat; an edit registered here is also run before those updates, so
+        the script keeps catch-up (``None`` removes it)."""
+        self._edit = edit
+
     def synchronize(self) -> None:
         """Wait for the step's reduce and write the average into ``.grad`` (nothing between a step's batches).
 
-        A script that calls it changes the gradient before ``step()`` (e.g. clips it), which a rank catching
-        up could not repeat: from then on a lagging rank computes every step instead of skipping it."""
-        self._edits_gradients = True
-        self._gradients.catch_up_allowed(False)
+        A script that calls it may change the gradient before ``step()`` (e.g. clip it), which a rank catching
+        up could not repeat: unless the change is registered with :meth:`edit_gradients`, a lagging rank then
+        computes every step instead of skipping it."""
+        if self._edit is None:
+            self._edits_gradients = True
+            self._gradients.catch_up_allowed(False)
         self._synchronize()
 
     def _synchronize(self) -> None:
@@ -90,9 +108,10 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             self._should_synchronize = True
 
     def step(self, closure: Any = None) -> Any:
+        plain = self._should_synchronize and not self._synchronized and not self._edits_gradients
+        if plain or self._edit is not None:  # a skipped step can repeat what this update does
+            self._gradients.catch_up_allowed(True)
         if self._should_synchronize:
-            if not self._synchronized and not self._edits_gradients:  # a plain step: a skipped step can repeat it
-                self._gradients.catch_up_allowed(True)
             if self._synchronized:
                 warnings.warn("optimizer.step() called without optimizer.skip_synchronize() context after "
                               "optimizer.synchronize(). This can cause training slowdown. You may want to consider "
@@ -102,6 +121,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         if not self._has_result:
             return None  # not a step's last batch on this rank: its gradient waits in the step's message
         self._has_result = False
+        if self._edit is not None:
+            self._edit()
         return super(self.__class__, self).step(closure)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
