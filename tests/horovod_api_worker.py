@@ -82,6 +82,24 @@ def train(api, loop: str, slow_rank: int = -1, **options) -> list[torch.Tensor]:
     return [p.detach().clone() for p in net.parameters()]
 
 
+def sparse_embedding(api, sparse_as_dense: bool = True) -> list[torch.Tensor]:
+    """Three steps of a sparse embedding (sparse gradients) with plain SGD, which takes sparse gradients."""
+    torch.manual_seed(5)
+    net = nn.EmbeddingBag(20, 4, mode="sum", sparse=True)
+    opt = api.DistributedOptimizer(torch.optim.SGD(net.parameters(), lr=0.5), named_parameters=net.named_parameters(),
+                                   sparse_as_dense=sparse_as_dense)
+    ids = torch.arange(api.size() * 2 * 3 * 2).remainder(20).reshape(-1, 2)  # 2 bags per rank and step, 3 steps
+    dataset = TensorDataset(ids, torch.randn(len(ids), 4, generator=torch.Generator().manual_seed(6)))
+    sampler = (hvd.DistributedSampler(dataset, shuffle=False, batch_size=2) if api is hvd else
+               torch.utils.data.distributed.DistributedSampler(dataset, num_replicas=ref.size(), rank=ref.rank(),
+                                                               shuffle=False))
+    for x, y in DataLoader(dataset, batch_size=2, sampler=sampler):
+        opt.zero_grad()
+        ((net(x) - y) ** 2).mean().backward()
+        opt.step()
+    return [p.detach().clone() for p in net.parameters()]
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -162,6 +180,12 @@ def main() -> None:
         mine, theirs = train(hvd, "edit", slow_rank=2), train(ref, "edit")
         res["optimizer_clip_edit_slow_rank"] = diff(mine, theirs) / max(float(q.abs().max()) for q in theirs)
         res["skipped_by_slow_rank"] = hvd.skipped_steps() - skipped
+    res["optimizer_sparse_as_dense"] = diff(sparse_embedding(hvd), sparse_embedding(ref))
+    try:
+        sparse_embedding(hvd, sparse_as_dense=False)
+        res["sparse_refused"] = ""
+    except ValueError as err:  # raised in the hook, during backward
+        res["sparse_refused"] = str(err)
     res["early_buckets"] = EARLY_BUCKETS
     hvd.barrier()
     ref.barrier()

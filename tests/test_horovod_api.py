@@ -62,6 +62,7 @@ def test_every_supported_call_matches_horovod(tmp_path):
         for name, (ours, theirs) in res.pop("identity").items():
             assert ours == theirs, (name, ours, theirs)
         assert all(count >= 1 for count in res.pop("early_buckets"))  # gradients handed in from the hooks
+        assert "sparse_as_dense=True" in res.pop("sparse_refused")
         skipped = res.pop("skipped_by_slow_rank")
         assert skipped >= 1 if rank == 2 else skipped >= 0, (rank, skipped)
         joined = res.pop("join")
@@ -73,7 +74,7 @@ def test_every_supported_call_matches_horovod(tmp_path):
                     "broadcast_parameters_state_dict", "broadcast_parameters_named", "broadcast_optimizer_state_adam",
                     "broadcast_optimizer_state_fresh_sgd", "optimizer_average", "optimizer_sum",
                     "optimizer_clip_synchronize", "optimizer_backward_passes_2", "optimizer_predivide_groups",
-                    "optimizer_clip_edit_slow_rank"}
+                    "optimizer_clip_edit_slow_rank", "optimizer_sparse_as_dense"}
         assert set(res) == expected
         for name, difference in res.items():  # float64 throughout: equal to rounding
             assert difference <= 1e-12, (rank, name, difference)

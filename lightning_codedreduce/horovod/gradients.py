@@ -52,6 +52,7 @@ class CodedGradients:
         self._final: set[int] = set()  # id() of parameters final in the closing backward
         self._ready: Optional[int] = None  # a step handed in whole, waiting for synchronize()
         self.early_buckets = 0  # buckets of the last closing backward handed in while it ran
+        self._sparse: set[int] = set()  # id() of parameters whose gradients came sparse (sparse_as_dense): written back sparse
         self._handles = [p.register_post_accumulate_grad_hook(self._on_gradient) for p in params]
         self._backward_passes_per_step = backward_passes_per_step
         self._feed.attach(backward_passes_per_step, None)  # catch-up: see catch_up_allowed
@@ -63,15 +64,16 @@ class CodedGradients:
 
     # ------------------------------------------------------------------ in backward
     def _on_gradient(self, p: torch.nn.Parameter) -> None:
-        if self._piece is None:
-            self._open_piece()
-        lo, hi, bucket = self._slot[id(p)]
         grad = p.grad
         if grad.is_sparse:
-            if not self._sparse_as_dense:
+            if not self._sparse_as_dense:  # refused before this backward touches the step
                 raise ValueError("a sparse gradient (e.g. nn.Embedding(sparse=True)) cannot be coded; pass "
                                  "hvd.DistributedOptimizer(..., sparse_as_dense=True) or use a dense embedding")
             grad = grad.to_dense()
+            self._sparse.add(id(p))
+        if self._piece is None:
+            self._open_piece()
+        lo, hi, bucket = self._slot[id(p)]
         self._flat[lo:hi].add_(grad.detach().reshape(-1).cpu(), alpha=self._piece.scale)  # (CUDA: staged to host)
         p.grad = None
         if self._closes and id(p) not in self._final:
@@ -134,7 +136,8 @@ class CodedGradients:
         if self._result_scale != 1.0:
             out.mul_(self._result_scale)
         for p, (lo, hi, _) in zip(self._params, self._layout.slots):
-            p.grad = out[lo:hi].view_as(p).to(device=p.device, dtype=p.dtype)
+            grad = out[lo:hi].view_as(p).to(device=p.device, dtype=p.dtype)
+            p.grad = grad.to_sparse() if id(p) in self._sparse else grad
 
     def remove(self) -> None:
         for handle in self._handles:
