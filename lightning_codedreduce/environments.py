@@ -218,7 +218,8 @@ class LaunchInfo:
         if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
             return os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
         if self.launcher == "horovodrun":
-            return _HorovodRunMixin()._main()
+            hvd = _HorovodRunMixin()
+            return hvd.main_address, hvd.main_port
         if self.launcher == "mpirun":
             return _mpi_main_address(self.rank, self.cross_size)
         if self.launcher == "single":
@@ -240,10 +241,9 @@ def launch_info() -> LaunchInfo:
         return LaunchInfo("torchrun", rank, size, local_rank, local_size, _int_env("GROUP_RANK", rank // local_size),
                           max(1, size // local_size))
     if is_horovodrun():
-        size = _int_env("HOROVOD_SIZE")
-        return LaunchInfo("horovodrun", _int_env("HOROVOD_RANK"), size, _int_env("HOROVOD_LOCAL_RANK"),
-                          _int_env("HOROVOD_LOCAL_SIZE", size), _int_env("HOROVOD_CROSS_RANK", 0),
-                          _int_env("HOROVOD_CROSS_SIZE", 1))
+        hvd = _HorovodRunMixin()  # the Lightning environment's reading of horovodrun's variables
+        return LaunchInfo("horovodrun", hvd.global_rank(), hvd.world_size(), hvd.local_rank(), hvd.local_world_size(),
+                          hvd.node_rank(), hvd.num_nodes())
     for rank_var, size_var, local_var, local_size_var in _MPI_RANK_VARS:
         if rank_var in os.environ and size_var in os.environ:
             rank, size = _int_env(rank_var), _int_env(size_var)
