@@ -181,7 +181,7 @@ def analyse(raw: Path, meta: dict, data_dir: Path, with_sim: bool = True) -> dic
 
 
 def _is_cr_s1(name: str) -> bool:
-    return name in ("cr_n3_s1", "crb_s1") or name.startswith("cr_flat")
+    return name in ("cr_n3_s1", "crr_n3_s1", "crb_s1") or name.startswith("cr_flat")
 
 
 def ratios(cells: list[dict]) -> tuple[list[dict], list[dict]]:

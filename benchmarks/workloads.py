@@ -48,7 +48,7 @@ from lightning_codedreduce.sim import (STRAGGLER_MODELS, MasterWorkerPlan, Strag
 
 BATCH_MODES = ("global", "per-rank")
 SCRIPT_KINDS = ("horovod", "hvd_api")  # schemes run by benchmarks/hvd_script.py, one launch per cell
-ON_REQUEST = ("hvd_api_bal",)  # run only when --schemes names them (each costs a launch per cell)
+ON_REQUEST = ("hvd_api_bal", "crr_n3_s1")  # run only when --schemes names them (each costs a launch per cell)
 ADAPT_EVERY = 5  # the auto scheme's steps between decisions (short cells: 25 steps)
 
 # ---------------------------------------------------------------------------- workloads
@@ -161,6 +161,7 @@ class Scheme:
     layout: str = "tree"  # coded: the plan's layout (tree | balanced)
     speeds: tuple[float, ...] | None = None  # coded: speed-proportional loads (CodedReducePlan(speeds=))
     adaptive: bool = False  # coded: stragglers="auto" (AdaptiveReducer; starts at this plan)
+    coded_self: str = "none"  # coded tree: whose own compute is a slot of its code (CodedReducePlan(coded_self=))
 
     @property
     def label(self) -> str:
@@ -172,6 +173,8 @@ class Scheme:
             return f"speed-proportional tree n={self.branching} s={self.stragglers}"
         if self.kind == "coded" and self.layout == "balanced":
             return f"CodedReduce balanced s={self.stragglers}"
+        if self.kind == "coded" and self.coded_self != "none":
+            return f"CodedReduce n={self.branching} s={self.stragglers}, coded {self.coded_self}"
         if self.kind == "coded":
             return f"CodedReduce n={self.branching} s={self.stragglers}" if self.stragglers else \
                 f"uncoded tree n={self.branching} (s=0)"
@@ -183,7 +186,7 @@ class Scheme:
         if self.kind != "hvd_api":
             return {}
         return {"CODEDREDUCE_STRAGGLERS": str(self.stragglers), "CODEDREDUCE_BRANCHING": str(self.branching),
-                "CODEDREDUCE_LAYOUT": self.layout}
+                "CODEDREDUCE_LAYOUT": self.layout, "CODEDREDUCE_CODED_SELF": self.coded_self}
 
 
 def default_schemes(world: int, straggler: StragglerSpec | None = None, seed: int = 0) -> list[Scheme]:
@@ -191,7 +194,8 @@ def default_schemes(world: int, straggler: StragglerSpec | None = None, seed: in
     ``persistent_speeds``; the worker seeds its straggler model with the same ``seed``). Where no rank is
     persistently slow ``prop_s0`` is ``tree_n3_s0`` and is left out."""
     flat = world - 1
-    out = [Scheme("cr_n3_s1", "coded", 3, 1), Scheme("crb_s1", "coded", 3, 1, "balanced"),
+    out = [Scheme("cr_n3_s1", "coded", 3, 1), Scheme("crr_n3_s1", "coded", 3, 1, coded_self="root"),
+           Scheme("crb_s1", "coded", 3, 1, "balanced"),
            Scheme("crb_s2", "coded", 3, 2, "balanced")]
     if flat != 3:
         out.append(Scheme(f"cr_flat_n{flat}_s1", "coded", flat, 1))
@@ -207,7 +211,8 @@ def default_schemes(world: int, straggler: StragglerSpec | None = None, seed: in
 
 def scheme_plan(scheme: Scheme, world: int):
     if scheme.kind in ("coded", "hvd_api"):
-        return CodedReducePlan(world, scheme.branching, scheme.stragglers, layout=scheme.layout, speeds=scheme.speeds)
+        return CodedReducePlan(world, scheme.branching, scheme.stragglers, layout=scheme.layout, speeds=scheme.speeds,
+                               coded_self=scheme.coded_self)
     if scheme.kind == "gc":
         return MasterWorkerPlan(world, scheme.stragglers)
     return None

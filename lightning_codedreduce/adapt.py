@@ -12,7 +12,7 @@ computes.
    holds the same history; rank 0 decides (``decide``) and the caller announces the decision.
 3. The candidates: ``stragglers`` 0 (with and without speed-proportional loads), 1 and 2 where the
    branching allows them, in each allowed layout (the tree and the balanced chunk owners, unless the
-   user fixed one). Speeds are the per-rank medians of the window's seconds per sample (persistent
+   user fixed one); in the tree, s >= 1 also with the root's own compute coded (``coded_self="root"``). Speeds are the per-rank medians of the window's seconds per sample (persistent
    slowness), rounded to 0.05 and 1 within 10 % of the fastest.
 4. Each candidate is scored by replaying the window through the simulator, one step at a time: rank
    ``r``'s gradient is ready after its measured seconds per sample times its samples in the candidate
@@ -46,13 +46,15 @@ class Candidate:
     stragglers: int
     speeds: Optional[tuple[float, ...]] = None
     layout: str = "tree"
+    coded_self: str = "none"  # the tree: whose own compute is a slot of its code (CodedReducePlan(coded_self=))
 
     @property
     def label(self) -> str:
+        own = "" if self.coded_self == "none" else f", coded {self.coded_self}"
         if self.speeds is None:
-            return f"{self.layout} s={self.stragglers}"
+            return f"{self.layout} s={self.stragglers}{own}"
         slow = ", ".join(f"rank {r} x{v:g}" for r, v in enumerate(self.speeds) if v < 1)
-        return f"{self.layout} s={self.stragglers}, speeds ({slow})"
+        return f"{self.layout} s={self.stragglers}{own}, speeds ({slow})"
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,8 @@ class PlanAdvisor:
         if candidate not in self._plans:
             try:
                 plan = CodedReducePlan(self.world_size, self.branching, candidate.stragglers, self.code, self.seed,
-                                       layout=candidate.layout, chunk_bytes=self.chunk_bytes, speeds=candidate.speeds)
+                                       layout=candidate.layout, chunk_bytes=self.chunk_bytes, speeds=candidate.speeds,
+                                       coded_self=candidate.coded_self)
                 ok = self.global_batch >= plan.min_global_batch_size  # every rank gets a share of the global batch
             except ValueError:
                 plan, ok = None, False
@@ -137,7 +140,10 @@ class PlanAdvisor:
         out = []
         for layout in self.layouts:
             out += [Candidate(0, None, layout)] + ([Candidate(0, speeds, layout)] if speeds else [])
-            out += [Candidate(s, None, layout) for s in range(1, min(self.max_stragglers, self.branching - 1) + 1)]
+            tolerances = range(1, min(self.max_stragglers, self.branching - 1) + 1)
+            out += [Candidate(s, None, layout) for s in tolerances]
+            if layout == "tree":  # a slow root tolerated too (the balanced layout always tolerates it)
+                out += [Candidate(s, None, layout, "root") for s in tolerances]
         return [c for c in out if self.plan(c) is not None]
 
     def predict(self, candidate: Candidate, per_sample: np.ndarray) -> float:

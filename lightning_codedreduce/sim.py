@@ -5,8 +5,8 @@ runtime's semantics (no global barrier; a lagging rank applies results it missed
 
 * ``cr``   CodedReduce on the tree of ``CodedReducePlan(W, n, s)`` (``s=0``: the uncoded tree).
   Upward, a node decodes at the first arrival set its code can decode (``plan.decoder``), after its
-  own gradient is ready, and sends one message; downward, every parent sends the result to all of
-  its children.
+  own gradient is ready (with ``coded_self``, its own gradient is one more arrival the code may do
+  without), and sends one message; downward, every parent sends the result to all of its children.
 * ``gc``   master-worker gradient coding (Tandon et al.): a flat plan, W-1 workers under a master
   that does not compute (``MasterWorkerPlan``); the master decodes from the first decodable set.
 * ``cr`` with ``layout="balanced"``: every rank sends chunk ``c`` of its gradient to the chunk's owner
@@ -318,42 +318,30 @@ class Topology:
         self.world = plan.world_size
         self.children = [tuple(n.children) for n in plan.nodes]
         self.where: dict[int, tuple[int, int]] = {}  # child rank -> (block index, bit) at its parent
+        self.own_where: dict[int, tuple[int, int]] = {}  # rank with a coded own slot -> (block index, bit) there
+        self.coded_self = [n.self_slot is not None for n in plan.nodes]
         self.blocks: list[list[dict]] = []
         for node in plan.nodes:
             tables = []
             if node.code is not None:
+                members = [*node.children, node.rank]  # slot order (the own slot, if any, is last)
                 for bi, block in enumerate(node.code.blocks):
                     for bit, slot in enumerate(block.slots):
-                        self.where[node.children[slot]] = (bi, bit)
+                        (self.own_where if members[slot] == node.rank else self.where)[members[slot]] = (bi, bit)
                     tables.append(block.table)
             self.blocks.append(tables)
-        self.loads = plan.loads if plan.balanced is not None else self._loads(plan)
+        self.loads = plan.loads
         self.redundancy = float(self.loads.sum())
 
-    @staticmethod
-    def _loads(plan) -> np.ndarray:
-        data = np.zeros(plan.world_size)
-        data[0] = 1.0
-        load = np.zeros(plan.world_size)
-        for node in plan.nodes:  # parents first
-            load[node.rank] = data[node.rank] * node.split[0]
-            if node.code is None:
-                continue
-            for block in node.code.blocks:
-                for i, slot in enumerate(block.slots):
-                    cols = np.flatnonzero(block.matrix[i])
-                    data[node.children[slot]] = data[node.rank] * sum(node.split[1 + block.slots[j]] for j in cols)
-        return load
-
     def first_decodable(self, v: int, order: list[int]) -> tuple[int, int]:
-        """Index into ``order`` (children by arrival) after which ``v`` can decode, and how many
-        messages the decode combines; ``(-1, 0)`` if it never can."""
+        """Index into ``order`` (children by arrival, and ``v`` itself for a coded own slot) after which
+        ``v`` can decode, and how many messages the decode combines; ``(-1, 0)`` if it never can."""
         tables = self.blocks[v]
         masks = [0] * len(tables)
         ok = [False] * len(tables)
         satisfied = 0
         for idx, c in enumerate(order):
-            bi, bit = self.where[c]
+            bi, bit = self.own_where[c] if c == v else self.where[c]
             masks[bi] |= 1 << bit
             if not ok[bi] and masks[bi] in tables[bi]:
                 ok[bi] = True
@@ -379,21 +367,24 @@ def _tree_step(topo: Topology, local: list[float], msg_bytes: float, net: Networ
         if not kids:
             sent[v] = local[v]
             continue
-        if local[v] == math.inf:
+        coded = topo.coded_self[v]
+        if local[v] == math.inf and not coded:
             continue  # skipped (its result was already there): sends nothing for this step
         rel = [(sent[c] + net.latency_s, c) for c in kids if sent[c] < math.inf]
         fin = _ps_finish(rel, xfer) if rel else {}
-        order = sorted(fin, key=fin.get)
         if net.msg_cpu_s > 0:  # the host handles one message at a time
             t = -math.inf
-            for c in order:
+            for c in sorted(fin, key=fin.get):
                 t = max(t, fin[c]) + net.msg_cpu_s
                 fin[c] = t
+        if coded and local[v] < math.inf:  # the own slot arrives when the own gradient is ready
+            fin[v] = local[v]
+        order = sorted(fin, key=fin.get)
         idx, used = topo.first_decodable(v, order)
         if idx < 0:
             continue  # cannot decode this step: never sends (its parent treats it as a straggler)
         t_dec = fin[order[idx]]
-        sent[v] = max(local[v], t_dec) + used * decode_one
+        sent[v] = (t_dec if coded else max(local[v], t_dec)) + used * decode_one
         if v == 0:
             root_info = (used, t_dec)
     result = [math.inf] * W

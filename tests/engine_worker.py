@@ -36,6 +36,7 @@ def main() -> None:
     p.add_argument("--gather-victim", type=int, default=-1,
                    help="this rank marks gather_victim and sleeps before its first control collective (to be killed)")
     p.add_argument("--layout", default="tree")
+    p.add_argument("--coded-self", default="none", help="CodedReducePlan(coded_self=...)")
     p.add_argument("--jitter-seed", type=int, default=1000)
     p.add_argument("--in-place", action="store_true", help="reduce(..., in_place=True)")
     p.add_argument("--chunk-bytes", type=int, default=1 << 20)
@@ -47,7 +48,7 @@ def main() -> None:
     a = p.parse_args()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
-    plan = CodedReducePlan(world, a.n, a.s, layout=a.layout, chunk_bytes=a.chunk_bytes)
+    plan = CodedReducePlan(world, a.n, a.s, layout=a.layout, chunk_bytes=a.chunk_bytes, coded_self=a.coded_self)
     batch = plan.global_batch_for(a.per_rank)
     data_rng = np.random.default_rng(1234)
     n_data = batch * 3
@@ -133,6 +134,8 @@ def main() -> None:
     inner = engine(reducer)
     out["max_buffered"] = inner.max_buffered
     out["drained"] = inner.drained
+    # steps whose message this rank sent up (the root: whose result it decoded) without its own gradient
+    out["forwarded_without_own"] = [st.step for st in inner.finished_stats if st.sent is not None and st.local_ready is None]
     out["dead"] = {str(k): v for k, v in inner.dead.items()}
     out["queued_frames"] = inner.queued_frames
     with open(path + ".tmp", "w") as f:

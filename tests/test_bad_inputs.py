@@ -49,6 +49,7 @@ CONFIG_CASES = [
     (dict(stragglers="auto", adapt_every=0), ValueError, r"adapt_every must be >= 1.*e\.g\. 50"),
     (dict(stragglers="auto", adapt_patience=0), ValueError, r"adapt_patience must be >= 1"),
     (dict(stragglers="auto", speeds=[1, 1]), ValueError, r"stragglers='auto' measures the ranks' speeds itself"),
+    (dict(coded_self=True), ValueError, r"coded_self must be one of 'none', 'root', 'all'.*'root' tolerates a slow rank 0"),
 ]
 
 
@@ -57,7 +58,7 @@ CONFIG_CASES = [
     "stragglers_not_below_branching", "unknown_code", "seed_negative", "timeout_zero", "timeout_nan", "timeout_inf",
     "timeout_str", "global_batch_zero", "global_batch_float", "global_batch_bool", "ddp_comm_hook",
     "unknown_transport", "speeds_str", "speeds_negative", "auto_misspelt", "adapt_every_zero", "adapt_patience_zero",
-    "auto_with_speeds"])
+    "auto_with_speeds", "coded_self_bool"])
 def test_bad_option(kwargs, exc, message):
     from lightning_codedreduce import CodedReduceStrategy
 

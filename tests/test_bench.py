@@ -103,7 +103,7 @@ def test_master_worker_plan(world):
     assert p.shards(0, p.global_batch_for(64)) == []
     B = p.global_batch_for(64)
     for dead in (1, world - 1):  # the decoded sum counts every sample of the global batch exactly once
-        coefs = p.decoder(0, [c for c in p.children(0) if c != dead])
+        coefs = p.decoder(0, [0, *(c for c in p.children(0) if c != dead)])
         effective = np.zeros(B)
         for r, a in coefs.items():
             for sh in p.shards(r, B):
@@ -111,7 +111,7 @@ def test_master_worker_plan(world):
         assert np.allclose(effective, 1.0)
     if (world - 1) % 2 == 0:
         odd = [c for c in p.children(0) if c % 2]  # one worker of each FRC pair
-        assert p.decoder(0, odd) is not None and p.decoder(0, odd[:-1]) is None
+        assert p.decoder(0, [0, *odd]) is not None and p.decoder(0, [0, *odd[:-1]]) is None
         assert not p.tolerates([1, 2])
     assert p.tolerates([2])
 

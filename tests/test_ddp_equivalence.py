@@ -164,6 +164,10 @@ def scenario(pl, out: Path, name: str) -> dict:
         auto = dict(stragglers="auto", adapt_every=2, adapt_patience=1)
         return {"ddp": fit(pl, out, name, "ddp", epochs=3),
                 "codedreduce": fit(pl, out, name, "codedreduce", epochs=3, delay=(1, 1.0, 0.15), options=auto)}
+    if name == "coded_root":  # the tree with rank 0's own compute coded: rank 0 stalls through epoch 1
+        return {"ddp": fit(pl, out, name, "ddp", checkpoint_every_step=False),
+                "codedreduce": fit(pl, out, name, "codedreduce", stall=(0, 1, 6.0), checkpoint_every_step=False,
+                                   options=dict(layout="tree", coded_self="root"))}
     if name == "stall_whole_epoch":
         return {"ddp": fit(pl, out, name, "ddp", checkpoint_every_step=False),
                 "codedreduce": fit(pl, out, name, "codedreduce", stall=(WORLD - 1, 1, 6.0), checkpoint_every_step=False)}
@@ -232,7 +236,7 @@ def _same_run(res: dict) -> float:
 
 WORLDS = (2, 3, 4, 5, 7, 8)
 GRID_NAMES = [grid_name(*g) for g in GRID]
-EXTRAS = {4: ["swa_batchnorm", "unused_weight_decay", "deterministic", "balanced", "auto"],
+EXTRAS = {4: ["swa_batchnorm", "unused_weight_decay", "deterministic", "balanced", "auto", "coded_root"],
           3: ["deterministic", "stall_whole_epoch"], 7: ["deterministic", "balanced"]}
 _JOBS: dict[int, Path] = {}
 
@@ -323,6 +327,16 @@ def test_balanced_layout_with_a_straggling_rank_0_is_ddps_run(job, world):
     assert sum(r["codedreduce"]["early_buckets"] for r in ranks) > 0
     _same_run(ranks[0])
 
+
+
+def test_tree_with_a_coded_root_trains_ddps_run_while_rank_0_stalls(job):
+    """coded_self="root": rank 0's own compute is one slot of its code, so while it stalls through a whole epoch
+    its protocol thread decodes the others' messages and sends every result; it then applies them all."""
+    ranks = [_result(job(4), "coded_root", r) for r in range(4)]
+    root = ranks[0]["codedreduce"]
+    assert root["layout"] == "tree"
+    assert root["skipped"] >= root["steps_per_epoch"], root["skipped"]
+    _same_run(ranks[0])
 
 
 def test_auto_plan_switches_mid_epoch_and_trains_ddps_run(job):

@@ -26,10 +26,12 @@ def _assert_exact_and_identical(res):
     assert len({d["theta"] for d in res.values()}) == 1
 
 
-@pytest.mark.parametrize("world,n,s", [(7, 3, 1), (7, 2, 1), (7, 6, 2), (13, 3, 1), (13, 12, 1), (13, 4, 2), (7, 3, 0)])
-def test_exact_under_random_delays(tmp_path, world, n, s):
-    run = launch("engine_worker.py", world, ["--n", str(n), "--s", str(s), "--steps", "12", "--jitter", "0.03"],
-                 tmp_path)
+@pytest.mark.parametrize("world,n,s,coded", [(7, 3, 1, "none"), (7, 2, 1, "none"), (7, 6, 2, "none"),
+                                             (13, 3, 1, "none"), (13, 12, 1, "none"), (13, 4, 2, "none"),
+                                             (7, 3, 0, "none"), (13, 3, 1, "root"), (7, 3, 1, "all")])
+def test_exact_under_random_delays(tmp_path, world, n, s, coded):
+    run = launch("engine_worker.py", world, ["--n", str(n), "--s", str(s), "--steps", "12", "--jitter", "0.03",
+                                             "--coded-self", coded], tmp_path)
     run.check()
     _assert_exact_and_identical(_results(run, range(world)))
 
@@ -59,6 +61,24 @@ def test_leaf_sleeping_20s_does_not_stop_the_others(tmp_path):
         during = sum(1 for t in res[r]["applied_at"] if start < t < end)
         assert during >= 20, f"rank {r} completed only {during} steps while rank 6 slept"
     assert len(res[6]["skipped"]) >= 20  # it caught up by applying results, not by computing
+    _assert_exact_and_identical(res)
+
+
+@pytest.mark.parametrize("coded,sleeper", [("root", 0), ("all", 1)])
+def test_coded_own_slot_sleeping_parent_root_included_does_not_stop_the_others(tmp_path, coded, sleeper):
+    """coded_self: the sleeping parent's protocol thread still decodes its children (and, at the root, sends
+    every result down) while its compute sleeps; it then catches up by applying the results it missed."""
+    run = launch("engine_worker.py", 7, ["--steps", "60", "--compute", "0.05", "--coded-self", coded,
+                                         "--sleep-once", f"{sleeper}:5:15"], tmp_path)
+    run.check()
+    res = _results(run, range(7))
+    start, end = res[sleeper]["sleep"]
+    for r in set(range(7)) - {sleeper}:
+        during = sum(1 for t in res[r]["applied_at"] if start < t < end)
+        assert during >= 15, f"rank {r} completed only {during} steps while rank {sleeper} slept"
+    assert len(res[sleeper]["skipped"]) >= 15  # it caught up by applying results, not by computing
+    forwarded = [t for t in res[sleeper]["forwarded_without_own"] if t >= 5]
+    assert len(forwarded) >= 15, f"rank {sleeper} decoded only steps {forwarded} without its own gradient"
     _assert_exact_and_identical(res)
 
 

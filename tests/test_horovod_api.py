@@ -173,7 +173,7 @@ def test_a_slow_rank_skips_steps_the_others_reduced(horovod_runs, tmp_path):
 # ---------------------------------------------------------------- the sampler (no processes)
 PLANS = [CodedReducePlan(4, 3, 1), CodedReducePlan(7, 3, 1), CodedReducePlan(5, 3, 1), CodedReducePlan(13, 3, 1),
          CodedReducePlan(7, 3, 1, layout="balanced"), CodedReducePlan(6, 3, 2, layout="balanced"),
-         CodedReducePlan(4, 3, 0)]
+         CodedReducePlan(4, 3, 0), CodedReducePlan(7, 3, 1, coded_self="root")]
 
 
 def _fractional(plan: CodedReducePlan) -> bool:

@@ -32,22 +32,22 @@ def local_sums(plan: CodedReducePlan, batch: int, v: np.ndarray) -> list[np.ndar
 
 
 def simulate(plan: CodedReducePlan, local: list[np.ndarray], dead: set[int], rng: random.Random) -> np.ndarray | None:
-    """Upward pass: children arrive in random order, each parent decodes at the first decodable
-    arrival set. A straggler (or a rank that cannot decode) never sends. ``None``: root is stuck."""
+    """Upward pass: children and the rank's own gradient arrive in random order, each parent decodes at
+    the first decodable arrival set. A straggler's own gradient never comes: it still forwards when its
+    code decodes without it (coded own slot); a rank that cannot decode never sends. ``None``: root is stuck."""
     msgs: dict[int, np.ndarray] = {}
     for r in reversed(range(plan.world_size)):  # children have larger ranks than parents
-        if r in dead:
-            continue
-        sending = [c for c in plan.children(r) if c in msgs]
+        sending = [c for c in plan.children(r) if c in msgs] + ([] if r in dead else [r])
         rng.shuffle(sending)
         coefs = None
         for i in range(len(sending) + 1):
             coefs = plan.decoder(r, sending[:i])
             if coefs is not None:
-                assert set(coefs) <= set(sending[:i]), "decoder used a child that has not arrived"
+                assert set(coefs) <= set(sending[:i]), "decoder used a contribution that has not arrived"
                 break
         if coefs is not None:
-            msgs[r] = local[r] + sum((c * msgs[k] for k, c in coefs.items()), np.zeros_like(local[r]))
+            own = {r: local[r]}
+            msgs[r] = sum((c * own.get(k, msgs.get(k)) for k, c in coefs.items()), np.zeros_like(local[r]))
     return msgs.get(0)
 
 
@@ -111,19 +111,71 @@ def test_every_tolerated_pattern_decodes_exactly(cfg, extra, seed):
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(cfg=configs.filter(lambda c: c[2] > 0 and c[0] > 1), coded=st.sampled_from(["root", "all"]),
+       extra=st.integers(0, 30), seed=st.integers(0, 2**16))
+@example(cfg=(13, 3, 1), coded="root", extra=0, seed=1)
+@example(cfg=(13, 3, 1), coded="all", extra=0, seed=2)
+@example(cfg=(7, 3, 1), coded="root", extra=1, seed=3)  # remainder (3,1) code over two children and the own slot
+@example(cfg=(4, 3, 1), coded="root", extra=0, seed=4)  # FRC pairs, the root paired with a leaf
+@example(cfg=(10, 4, 2), coded="all", extra=2, seed=5)
+def test_coded_own_slot_tolerates_a_slow_root_and_slow_parents(cfg, coded, extra, seed):
+    """``coded_self``: a parent's own compute is one slot of its code. Any pattern of slow ranks that
+    loses at most ``tolerance`` slots per coded parent decodes exactly, rank 0 included, and a slow
+    parent still forwards its children's messages."""
+    w, n, s = cfg
+    plan = CodedReducePlan(w, n, s, coded_self=coded)
+    assert plan.coded_self == coded and f"coded_self={coded!r}" in plan.describe() + repr(plan)
+    assert plan.fingerprint() != CodedReducePlan(w, n, s).fingerprint()
+    batch = plan.min_global_batch_size + extra
+    v = np.random.default_rng(seed).standard_normal((batch, 3))
+    ref, local, rng = v.sum(axis=0), local_sums(plan, batch, v), random.Random(seed)
+    coded_ranks = [r for r in range(w) if plan.nodes[r].self_slot is not None]
+    assert 0 in coded_ranks and (coded == "all" or coded_ranks == [0])
+    assert plan.tolerates({0}), "a slow root is tolerated"
+    for r in range(w):  # every single slow rank: the root and every parent included
+        assert check_pattern(plan, local, ref, {r}, rng)
+    for _ in range(30):  # at most `tolerance` slow slots under every parent, its own slot counted where coded
+        slow: set[int] = set()
+        for r in range(w):
+            slots = plan.children(r) + ([r] if r in coded_ranks else [])
+            if plan.children(r):
+                slow.update(rng.sample(slots, rng.randint(0, plan.tolerance(r))))
+        assert check_pattern(plan, local, ref, slow, rng), f"slow={sorted(slow)}"
+    if 2 ** w <= EXHAUSTIVE_MAX_PATTERNS:  # every pattern: tolerates() agrees with the simulation
+        for k in range(w + 1):
+            for slow in itertools.combinations(range(w), k):
+                check_pattern(plan, local, ref, set(slow), rng)
+    # the own slot is used only when the code needs it; the decoder never names a contribution not in
+    for r in coded_ranks:
+        kids = plan.children(r)
+        coefs = plan.decoder(r, kids)  # all children, no own gradient yet
+        if len(kids) + 1 - plan.tolerance(r) <= len(kids):
+            assert coefs is not None and r not in coefs
+    assert not plan.survives({1}) or not plan.children(1)  # a dead (not slow) parent still orphans its children
+
+
+def test_coded_self_argument_is_checked():
+    with pytest.raises(ValueError, match="unknown coded_self 'yes'.*'none', 'root', 'all'"):
+        CodedReducePlan(7, 3, 1, coded_self="yes")
+    assert CodedReducePlan(7, 3, 0, coded_self="root").coded_self == "none"  # s=0: nothing to tolerate
+    assert CodedReducePlan(7, 3, 1, coded_self="root", layout="balanced").nodes[0].self_slot is None
+    assert "coded_self='root' tolerates it" in CodedReducePlan(7, 3, 1).describe()
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(cfg=configs)
 def test_any_k_minus_tolerance_children_decode(cfg):
     plan = CodedReducePlan(*cfg)
     for r in range(plan.world_size):
         kids = plan.children(r)
         k, t = len(kids), plan.tolerance(r)
-        assert plan.decoder(r, []) is None if kids else plan.decoder(r, []) == {}
+        assert plan.decoder(r, []) is None and (kids or plan.decoder(r, [r]) == {r: 1.0})
         assert t == min(plan.stragglers, max(k - 1, 0))
         for size in range(k - t, k + 1):
             for arrived in itertools.combinations(kids, size):
-                coefs = plan.decoder(r, arrived)
+                coefs = plan.decoder(r, [r, *arrived])
                 assert coefs is not None, f"rank {r}: children {arrived} must decode (tolerance {t})"
-                assert set(coefs) <= set(arrived)
+                assert set(coefs) <= {r, *arrived} and coefs[r] == 1.0  # an uncoded own share: always, weight 1
         assert (r in plan.reduced_tolerance) == (bool(kids) and t < plan.stragglers)
 
 
@@ -246,7 +298,7 @@ def test_frc_plans_have_unit_weights(w, n, s):
     plan = CodedReducePlan(w, n, s, code="frc")  # fan-outs FRC cannot serve are skipped, not fatal
     batch = plan.min_global_batch_size + 5
     assert all(sh.weight == 1.0 for r in range(w) for sh in plan.shards(r, batch))
-    assert all(set(plan.decoder(r, plan.children(r)).values()) <= {1.0} for r in range(w))
+    assert all(set(plan.decoder(r, [r, *plan.children(r)]).values()) <= {1.0} for r in range(w))
 
 
 @pytest.mark.parametrize("kwargs", [dict(world_size=2.5), dict(world_size="3"), dict(world_size=True),

@@ -15,6 +15,8 @@ from lightning_codedreduce.sampler import CodedReduceBatchSampler
 PLANS = {  # (world_size, branching, stragglers)
     "W1": (1, 3, 1), "W2": (2, 3, 1), "W7": (7, 3, 1), "W13-n3": (13, 3, 1), "W13-n12": (13, 12, 1),
     "W7-n2": (7, 2, 1), "uncoded": (9, 3, 0), "integer-code": (4, 3, 1),
+    "W7-coded-root": (7, 3, 1, "auto", 0, "tree", None, 1 << 22, None, "root"),
+    "W13-coded-all": (13, 3, 1, "auto", 0, "tree", None, 1 << 22, None, "all"),
 }
 
 
@@ -26,16 +28,16 @@ def multipliers(plan: CodedReducePlan, dead: set[int]) -> list[float]:
     """How much each rank's local weighted sum counts in the root's result (0 if unused)."""
     sends = [False] * plan.world_size
     coefs: list[dict[int, float]] = [{}] * plan.world_size
-    for r in reversed(range(plan.world_size)):
-        if r not in dead:
-            c = plan.decoder(r, [k for k in plan.children(r) if sends[k]])
-            sends[r], coefs[r] = c is not None, c or {}
+    for r in reversed(range(plan.world_size)):  # a straggler's own gradient never comes (it may still forward)
+        c = plan.decoder(r, [k for k in plan.children(r) if sends[k]] + ([] if r in dead else [r]))
+        sends[r], coefs[r] = c is not None, c or {}
     assert sends[0], f"pattern {dead} is not tolerated"
+    message = [0.0] * plan.world_size  # how much each rank's message counts
+    message[0] = 1.0
     mult = [0.0] * plan.world_size
-    mult[0] = 1.0
     for r in range(plan.world_size):  # parents before children
         for k, c in coefs[r].items():
-            mult[k] = mult[r] * c
+            (mult if k == r else message)[k] = message[r] * c
     return mult
 
 
@@ -47,7 +49,7 @@ def test_every_position_has_total_weight_one(name, shuffle, drop_last):
     batch = plan.min_global_batch_size + 3
     n = 2 * batch + batch // 2 + 1  # not a multiple of the global batch: padding / dropping matters
     ranks = samplers(plan, n, batch, shuffle=shuffle, drop_last=drop_last, seed=7)
-    patterns = [set()] + [{r} for r in range(1, plan.world_size) if plan.tolerates({r})]
+    patterns = [set()] + [{r} for r in range(plan.world_size) if plan.tolerates({r})]
     exact = all(s.uniform_weights for s in ranks)  # FRC / uncoded: 0/1 coefficients, sums of 1.0 are exact
     for epoch in range(3):
         for s in ranks:

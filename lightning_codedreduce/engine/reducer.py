@@ -97,7 +97,10 @@ class CodedReducer:
         device = torch.device("cuda", torch.cuda.current_device()) if transport == "nccl" else None
         # back-pressure: a full backlog stops the tree's rank reading from its parent; in the balanced
         # layout, from everyone (results come from every owner)
-        upstream = set(groups) if plan.balanced is not None else {plan.parent(self.rank)}
+        # layout, from everyone (results come from every owner); a root with a coded own slot publishes without
+        # its caller, so it stops reading its children instead
+        upstream = (set(groups) if plan.balanced is not None else {plan.parent(self.rank)} if self.rank
+                    else set(plan.children(0)) if plan.nodes[0].self_slot is not None else set())
         # the balanced layout never blocks its protocol thread on a send (outgoing chunks are views of this
         # step's buffers, so an unbounded outbox costs no memory) and bounds what it receives per peer
         # instead (flow control: a few chunks); the tree's bounded outboxes are its back-pressure

@@ -1,7 +1,9 @@
 """The paper's coded tree (``layout="tree"``): up the tree decoding the first decodable children, down with the sum.
 
-1. A rank adds to its local gradient the decoded messages of the *first decodable* set of children
-   (``plan.decoder``), summed in slot order (reproducible bits), and sends one message to its parent.
+1. A rank sums, with the decoder's coefficients, the *first decodable* set of its own gradient and its
+   children's messages (``plan.decoder``), in slot order (reproducible bits), and sends one message to its
+   parent. An uncoded own share is always part of that set; a coded one (``coded_self``) is one slot like
+   a child's, so a rank whose compute is late still forwards once its children decode without it.
 2. The root's sum is the result; every parent sends it down to its live children.
 3. A frame for a step this rank already finished is late: drained. A rank that falls behind finds the
    results it missed already published (the caller applies them without computing).
@@ -67,14 +69,21 @@ class TreeProtocol(Protocol):
     def advance(self) -> None:
         step = self.decode_step
         local = self.local.get(step)
-        if local is None:
+        arrived = dict(self.msgs.get(step, {}))
+        if local is not None:
+            arrived[self.rank] = local
+        if not arrived:
             return
-        arrived = self.msgs.get(step, {})
         coefs = self.plan.decoder(self.rank, arrived.keys())
         if coefs is None:
             self._check_still_decodable(step, arrived.keys())
             return
-        out = local  # the caller's private flat copy: accumulate in place
+        own = coefs.pop(self.rank, None)
+        if own is None:  # decoded without this rank's own compute (coded_self): a fresh sum
+            first = arrived[min(coefs)]
+            out = torch.zeros(first.numel(), dtype=first.dtype)
+        else:  # the caller's private flat copy: accumulate in place
+            out = local if own == 1.0 else local.mul_(own)
         for child, coef in sorted(coefs.items()):  # slot (group) order, not arrival order: reproducible bits
             msg = arrived[child]
             if msg.numel() != out.numel() or msg.dtype != out.dtype:
@@ -99,7 +108,7 @@ class TreeProtocol(Protocol):
         gone = [c for c in self.children if c in self.finished and c not in arrived]
         if not gone:
             return
-        could_come = [c for c in self.children if not self.gone(c)]
+        could_come = [self.rank, *(c for c in self.children if not self.gone(c))]
         if self.plan.decoder(self.rank, [*arrived, *could_come]) is None:
             self.fail(f"CodedReduce stopped: rank(s) {gone} closed before sending step {step}, which "
                       f"rank {self.rank} cannot reduce without them", culprit=gone[0])
@@ -126,7 +135,7 @@ class TreeProtocol(Protocol):
         if self.parent is not None and peer == self.parent.peer:
             self.fail(f"CodedReduce stopped: parent rank {peer} of rank {self.rank} died ({why})", culprit=peer)
             return
-        alive = [c for c in self.children if c not in self.dead]
+        alive = [self.rank, *(c for c in self.children if c not in self.dead)]
         if self.plan.decoder(self.rank, alive) is None:
             self.fail(f"CodedReduce stopped: rank {peer} died ({why}) and rank {self.rank} cannot decode "
                       f"without it (tolerance {self.plan.tolerance(self.rank)})", culprit=peer)

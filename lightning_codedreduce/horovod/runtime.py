@@ -48,9 +48,12 @@ def _env_int(name: str, default: int) -> int:
 
 
 def init(comm: Any = None, process_sets: Any = None, *, stragglers: Optional[int] = None,
-         branching: Optional[int] = None, layout: Optional[str] = None, timeout: Optional[float] = None) -> None:
+         branching: Optional[int] = None, layout: Optional[str] = None, timeout: Optional[float] = None,
+         coded_self: Optional[str] = None) -> None:
     """Join the job: read the launcher's variables, initialise ``torch.distributed`` (gloo) unless it is,
-    build the plan and start the reducer. Collective: every rank calls it. A second call does nothing."""
+    build the plan and start the reducer. Collective: every rank calls it. A second call does nothing.
+    Options left at None come from ``CODEDREDUCE_STRAGGLERS``, ``_BRANCHING``, ``_LAYOUT``, ``_TIMEOUT`` and
+    ``_CODED_SELF`` (the tree: ``root`` codes rank 0's own compute, so a slow rank 0 is tolerated)."""
     global _RUNTIME
     if comm is not None:
         raise ValueError("hvd.init(comm=...) selects an MPI communicator; CodedReduce runs over torch.distributed "
@@ -67,12 +70,13 @@ def init(comm: Any = None, process_sets: Any = None, *, stragglers: Optional[int
         raise ValueError(f"layout must be 'tree' or 'balanced', got {lay!r} (the Horovod API fixes it at init, before "
                          "the gradient size is known; 'balanced' suits gradients of several MB)")
     wait = float(os.environ.get("CODEDREDUCE_TIMEOUT") or 30.0) if timeout is None else timeout
+    own = (os.environ.get("CODEDREDUCE_CODED_SELF") or "none") if coded_self is None else coded_self
     info = launch_info()
     owns = not dist.is_initialized()
     if not owns and info.launcher == "single":  # the script initialised torch.distributed itself: its ranks
         world = dist.get_world_size()
         info = LaunchInfo("torch.distributed", dist.get_rank(), world, dist.get_rank(), world, 0, 1)
-    plan = CodedReducePlan(info.size, n, s if info.size > 1 else 0, layout=lay)  # bad values: the plan's errors
+    plan = CodedReducePlan(info.size, n, s if info.size > 1 else 0, layout=lay, coded_self=own)  # bad values: the plan's errors
     if owns:
         addr, port = info.main_address()
         os.environ.setdefault("MASTER_ADDR", addr)

@@ -21,6 +21,7 @@ from .layout import DEFAULT_CHUNK_BYTES, LAYOUTS, BalancedGroups, choose_layout
 from .tree import Node, build_tree
 
 CODES = ("auto", "frc")
+CODED_SELF = ("none", "root", "all")
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,11 @@ class CodedReducePlan:
             all finish together: in the tree a rank computes in proportion to its speed and a subtree
             receives what its ranks can cover; in the balanced layout a group's share is proportional to
             its slowest member's speed. Exactness and tolerance are unaffected; ``None``: all equal.
+        coded_self: tree layout, whose own compute is one more slot of its code (``tree.py``), so that it
+            still forwards on time when its compute is slow: ``"root"`` (rank 0, whose uncoded share would
+            otherwise delay every step; a slow internal parent already counts as one straggling child of
+            its own parent), ``"all"`` (every parent: a slow parent no longer uses up its parent's
+            tolerance, at a higher R, see ``describe()``), or ``"none"`` (the paper's tree).
     """
 
     # defaults for subclasses that build their own tree (sim.MasterWorkerPlan): the tree layout
@@ -120,10 +126,11 @@ class CodedReducePlan:
     balanced: BalancedGroups | None = None
     chunk_bytes = DEFAULT_CHUNK_BYTES
     speeds: tuple[float, ...] | None = None
+    coded_self = "none"
 
     def __init__(self, world_size: int, branching: int = 3, stragglers: int = 1, code: str = "auto", seed: int = 0,
                  layout: str = "tree", gradient_bytes: int | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 speeds=None):
+                 speeds=None, coded_self: str = "none"):
         self.world_size = check_int("world_size", world_size, 1, "use the number of training processes")
         self.branching = check_int("branching", branching, 2, "each parent needs at least 2 children, e.g. branching=3")
         self.stragglers = check_int("stragglers", stragglers, 0, "use 0 for an uncoded tree, 1 to tolerate one straggler per parent")
@@ -143,6 +150,9 @@ class CodedReducePlan:
             gradient_bytes = check_int("gradient_bytes", gradient_bytes, 0, "pass the gradient's size in bytes")
         self.chunk_bytes = check_int("chunk_bytes", chunk_bytes, 1024, "use e.g. 1 MiB (1 << 20)")
         self.speeds = check_speeds(speeds, self.world_size)
+        if coded_self not in CODED_SELF:
+            raise ValueError(f"unknown coded_self {coded_self!r}; choose one of {', '.join(map(repr, CODED_SELF))} "
+                             "(whose own compute is coded with its children's parts)")
         self.layout, self.layout_reason = (choose_layout(self.world_size, gradient_bytes) if layout == "auto"
                                            else (layout, f"layout={layout!r}"))
         self.balanced = None  # the balanced layout's groups (None for the tree)
@@ -155,9 +165,11 @@ class CodedReducePlan:
             self.nodes = [Node(0, None, tuple(range(1, self.world_size)), None, 1.0, (1.0,))]
             self.nodes += [Node(r, 0, (), None, 1.0, (1.0,)) for r in range(1, self.world_size)]
             return
+        # at s=0 there is nothing to tolerate: an own slot would only be an uncoded part by another name
+        self.coded_self = coded_self if self.stragglers > 0 else "none"
         try:
             self.nodes: list[Node] = build_tree(self.world_size, self.branching, self.stragglers, code, self.seed,
-                                                self.speeds)
+                                                self.speeds, self.coded_self)
         except ValueError as err:
             raise ValueError(f"{err}; {self._suggestion()}") from None
 
@@ -219,7 +231,8 @@ class CodedReducePlan:
         data[0] = 1.0
         load = np.zeros(self.world_size)
         for node in self.nodes:  # breadth-first: parents before children
-            load[node.rank] = data[node.rank] * node.split[0]
+            own = [] if node.self_slot is None else node.code.support(node.self_slot)
+            load[node.rank] = data[node.rank] * (node.split[0] + sum(node.split[1 + j] for j, _ in own))
             for slot, child in enumerate(node.children):
                 data[child] = sum(data[node.rank] * node.split[1 + j] for j, _ in node.code.support(slot))
         return load
@@ -285,35 +298,52 @@ class CodedReducePlan:
                 part, rest = _take(rest, size)
                 parts.append(part)
             for slot, child in enumerate(node.children):
-                data[child] = [Shard(p.start, p.stop, p.weight * coef) for j, coef in node.code.support(slot) for p in parts[j]]
+                data[child] = _row(node, slot, parts)
+            if node.self_slot is not None:  # the own slot computes its row like a child (the uncoded share is 0)
+                local[node.rank] = tuple(_merge(mine + _row(node, node.self_slot, parts)))
         return tuple(local)
 
     # ---------------------------------------------------------------- decoding
     def decoder(self, rank: int, arrived) -> dict[int, float] | None:
-        """Coefficient per arrived child so that ``local + sum(coef * message)`` is ``rank``'s output.
+        """Coefficient per used contribution so that ``sum(coef * message)`` is ``rank``'s output.
 
-        ``None`` when the arrived children do not yet determine it (keep waiting). Tree layout only.
+        ``arrived``: the children whose messages are in, and ``rank`` itself once its own gradient is
+        ready. The result names ``rank`` when its own gradient is used: always, with coefficient 1, for
+        an uncoded local share (nothing decodes without it); under ``coded_self`` only when the code needs
+        it, with the code's coefficient. ``None`` when the arrivals do not yet determine the output (keep
+        waiting). Tree layout only.
         """
         if self.balanced is not None:
             raise ValueError("the balanced layout has no tree to decode: owners take one member per group")
         node = self.nodes[rank]
-        if not node.children:
-            return {}
+        arrived = set(arrived)
+        if node.self_slot is None:
+            if rank not in arrived:
+                return None
+            if not node.children:
+                return {rank: 1.0}
         slot_of = {c: i for i, c in enumerate(node.children)}
+        if node.self_slot is not None:
+            slot_of[rank] = node.self_slot
         slots = frozenset(slot_of[c] for c in arrived if c in slot_of)
         coefs = node.code.decode(slots)
         if coefs is None:
             return None
-        return {node.children[slot]: coef for slot, coef in coefs.items()}
+        peer_of = {slot: peer for peer, slot in slot_of.items()}
+        out = {peer_of[slot]: coef for slot, coef in coefs.items()}
+        if node.self_slot is None:
+            out[rank] = 1.0
+        return out
 
     def tolerates(self, stragglers) -> bool:
-        """Whether the root can decode when the ranks in ``stragglers`` never send."""
-        dead = set(stragglers)
+        """Whether the root can decode when the ranks in ``stragglers`` never finish computing.
+
+        A straggler's protocol thread still runs: a leaf straggler never sends; a parent straggler still
+        forwards when its code decodes without its own slot (``coded_self``), and never sends otherwise."""
+        slow = set(stragglers)
         if self.balanced is not None:  # slow compute anywhere, rank 0 included: owners still serve their chunks
-            return self.balanced.tolerates(dead)
-        if 0 in dead:
-            return False
-        return self._decodes(0, dead)
+            return self.balanced.tolerates(slow)
+        return self._decodes(0, slow)
 
     def survives(self, dead) -> bool:
         """Whether the reduce goes on when the ranks in ``dead`` are gone, by the engine's rule: every live
@@ -323,20 +353,22 @@ class CodedReducePlan:
         dead = set(dead)
         if self.balanced is not None:
             return not dead
+        if 0 in dead:  # the root's process decodes and sends every result
+            return False
         for rank in range(self.world_size):
             if rank in dead:
                 continue
             parent = self.parent(rank)
             if parent is not None and parent in dead:
                 return False
-            if self.decoder(rank, [c for c in self.children(rank) if c not in dead]) is None:
+            if self.decoder(rank, [rank, *(c for c in self.children(rank) if c not in dead)]) is None:
                 return False
         return True
 
-    def _decodes(self, rank: int, dead: set[int]) -> bool:
-        # a child that cannot decode never sends either: it counts as a straggler of its parent
-        sending = [c for c in self.children(rank) if c not in dead and self._decodes(c, dead)]
-        return self.decoder(rank, sending) is not None
+    def _decodes(self, rank: int, slow: set[int]) -> bool:
+        # a child that cannot decode never sends: it counts as a straggler of its parent
+        sending = [c for c in self.children(rank) if self._decodes(c, slow)]
+        return self.decoder(rank, sending if rank in slow else [rank, *sending]) is not None
 
     # ---------------------------------------------------------------- reproducibility
     def irreproducible_reason(self) -> str | None:
@@ -351,17 +383,20 @@ class CodedReducePlan:
             code = None if node.code is None else np.round(node.code.matrix, 12).tolist()
             return (tuple(round(x, 12) for x in node.split), str(code), tuple(shape(c) for c in node.children))
 
+        leaf = ((1.0,), "None", ())  # an own slot computes its row as a leaf computes its data
         for node in self.nodes:
             if node.code is None:
                 continue
-            rows = [tuple(node.code.support(slot)) for slot in range(len(node.children))]
+            members = [*node.children, *([node.rank] if node.self_slot is not None else [])]  # slot order
+            rows = [tuple(node.code.support(slot)) for slot in range(node.code.k)]
             if any(coef != 1.0 for row in rows for _, coef in row):
                 return (f"rank {node.rank}'s code has coefficients other than 0 and 1, so its decoded sum depends on "
                         f"which children arrive first; use code='frc'")
+            slot_shape = [leaf if m == node.rank else shape(m) for m in members]
             for slot, row in enumerate(rows):
                 for other in range(slot):
-                    if rows[other] == row and shape(node.children[other]) != shape(node.children[slot]):
-                        a, b = node.children[other], node.children[slot]
+                    if rows[other] == row and slot_shape[other] != slot_shape[slot]:
+                        a, b = members[other], members[slot]
                         return (f"ranks {a} and {b} compute the same samples (one code group under rank {node.rank}) "
                                 f"through differently shaped subtrees, so their messages differ in rounding and the "
                                 f"result depends on which arrives first")
@@ -380,6 +415,8 @@ class CodedReducePlan:
             spec.update(layout="balanced", chunk_bytes=self.chunk_bytes)
         if self.speeds is not None:
             spec.update(speeds=[round(x, 9) for x in self.speeds])
+        if self.coded_self != "none":
+            spec.update(coded_self=self.coded_self)
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
     def describe(self) -> str:
@@ -401,7 +438,12 @@ class CodedReducePlan:
             lines += [f"    group {g}: ranks {list(m)}, {share:.1%} of the batch"
                       for g, (m, share) in enumerate(zip(self.balanced.groups, self.balanced.shares))]
             return "\n".join(lines)
-        lines.append(f"  layout tree ({self.layout_reason})")
+        lines.append(f"  layout tree ({self.layout_reason})" + (
+            f"; coded_self={self.coded_self!r}: the own compute of "
+            + ("rank 0" if self.coded_self == "root" else "every parent")
+            + " is a slot of its code, so a slow one is tolerated like a slow child" if self.coded_self != "none" else
+            "; parents' own shares are uncoded: a slow root delays every step (coded_self='root' tolerates it)"
+            if self.stragglers else ""))
         if self.reduced_tolerance:
             lines.append(f"  reduced tolerance at parents {self.reduced_tolerance} (too few children)")
         mean = self.loads.mean()
@@ -410,7 +452,8 @@ class CodedReducePlan:
             node = self.nodes[rank]
             info = f"rank {rank:>3}  load {self.loads[rank] / mean:5.2f}x mean"
             if node.code is not None:
-                info += (f"  children {list(node.children)}  code {node.code.name} (k={node.code.k}, "
+                own = " + own slot" if node.self_slot is not None else ""
+                info += (f"  children {list(node.children)}{own}  code {node.code.name} (k={node.code.k}, "
                          f"tolerates {node.code.s}, worst |a| {node.code.worst_norm():.2f})")
             lines.append(indent + info)
             for c in node.children:
@@ -422,8 +465,14 @@ class CodedReducePlan:
     def __repr__(self) -> str:
         layout = "" if self.balanced is None else ", layout='balanced'"
         speeds = "" if self.speeds is None else f", speeds={list(self.speeds)}"
+        own = "" if self.coded_self == "none" else f", coded_self={self.coded_self!r}"
         return (f"CodedReducePlan(world_size={self.world_size}, branching={self.branching}, "
-                f"stragglers={self.stragglers}, code={self.code!r}, seed={self.seed}{layout}{speeds})")
+                f"stragglers={self.stragglers}, code={self.code!r}, seed={self.seed}{layout}{speeds}{own})")
+
+
+def _row(node: Node, slot: int, parts: list[Segments]) -> Segments:
+    """The data of code slot ``slot``: its row's parts, each sample's weight times the row's coefficient."""
+    return [Shard(p.start, p.stop, p.weight * coef) for j, coef in node.code.support(slot) for p in parts[j]]
 
 
 def _merge(segments: Segments) -> Segments:

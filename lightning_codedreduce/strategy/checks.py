@@ -17,7 +17,7 @@ from ..engine.transport import check_transport
 from ..environments import horovod_environment_class
 from ..plan import CodedReducePlan
 from ..plan.layout import DEFAULT_CHUNK_BYTES, LAYOUTS
-from ..plan.plan import check_int, check_speeds as plan_speeds
+from ..plan.plan import CODED_SELF, check_int, check_speeds as plan_speeds
 from ._common import WarnOnce, log
 from .internals import LightningInternals
 
@@ -65,11 +65,14 @@ def check_adapt(stragglers: Any, adapt_every: Any, speeds: Any) -> int:
     return every
 
 
-def check_layout(layout: str, chunk_bytes: int) -> None:
+def check_layout(layout: str, chunk_bytes: int, coded_self: str = "none") -> None:
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))} ('auto' picks 'balanced' for "
                          f"bandwidth-bound gradients and 'tree' for small ones), got {layout!r}")
     check_int("chunk_bytes", chunk_bytes, 1024, "use e.g. 1 MiB (1 << 20)")
+    if coded_self not in CODED_SELF:
+        raise ValueError(f"coded_self must be one of {', '.join(map(repr, CODED_SELF))} (the tree: whose own compute "
+                         f"is coded with its children's parts; 'root' tolerates a slow rank 0), got {coded_self!r}")
 
 
 def check_bucket_cap(bucket_cap_mb: float) -> None:
@@ -143,13 +146,15 @@ def horovodrun_layout(env: Optional[Any], namespace: str, processes: int,
 
 def build_plan(world_size: int, branching: int, stragglers: int, code: str, seed: int, *, manual: bool,
                warn: WarnOnce, layout: str = "auto", chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-               gradient_bytes: Optional[int] = None, speeds: Optional[tuple[float, ...]] = None) -> CodedReducePlan:
+               gradient_bytes: Optional[int] = None, speeds: Optional[tuple[float, ...]] = None,
+               coded_self: str = "none") -> CodedReducePlan:
     """The plan; ``code="auto"`` becomes fractional repetition (0/1 weights) where it must: manual
     optimization (the user back-propagates the loss) and ``Trainer(deterministic=True)`` (reproducible sums).
     ``layout="auto"`` picks the layout by ``gradient_bytes``; under ``deterministic=True`` it takes the
     balanced layout (always reproducible) where the tree's plan is not."""
     deterministic = torch.are_deterministic_algorithms_enabled()
-    shape = dict(layout=layout, chunk_bytes=chunk_bytes, gradient_bytes=gradient_bytes, speeds=speeds)
+    shape = dict(layout=layout, chunk_bytes=chunk_bytes, gradient_bytes=gradient_bytes, speeds=speeds,
+                 coded_self=coded_self)
     plan = None
     if code == "auto" and (manual or deterministic):
         try:

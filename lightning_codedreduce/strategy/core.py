@@ -55,7 +55,8 @@ from .internals import LightningInternals
 STRATEGY_NAME = "codedreduce"
 AUTO = "auto"  # stragglers="auto": the plan chosen from measurements while training
 FORK_STRATEGY_NAME = "codedreduce_fork"
-_SAME_ON_EVERY_RANK = ("branching", "stragglers", "code", "seed", "transport", "layout", "chunk_bytes", "speeds")
+_SAME_ON_EVERY_RANK = ("branching", "stragglers", "code", "seed", "transport", "layout", "chunk_bytes", "speeds",
+                       "coded_self")
 
 
 def _define(ddp: type, namespace: str) -> type:
@@ -77,12 +78,12 @@ def _define(ddp: type, namespace: str) -> type:
                      process_group_timeout: Optional[timedelta] = None, transport: str = "gloo",
                      layout: str = "auto", chunk_bytes: int = DEFAULT_CHUNK_BYTES, bucket_cap_mb: float = 25.0,
                      speeds: Optional[Sequence[float]] = None, adapt_every: int = 50, adapt_patience: int = 2,
-                     **ddp_kwargs: Any) -> None:
+                     coded_self: str = "none", **ddp_kwargs: Any) -> None:
             self.adapt_every = checks.check_adapt(stragglers, adapt_every, speeds)
             self.adapt_patience = check_int("adapt_patience", adapt_patience, 1, "use e.g. 2 decisions in a row")
             checks.check_options(branching, 0 if stragglers == AUTO else stragglers, code, global_batch_size, timeout,
                                  seed, transport)
-            checks.check_layout(layout, chunk_bytes)
+            checks.check_layout(layout, chunk_bytes, coded_self)
             checks.check_bucket_cap(bucket_cap_mb)
             self.speeds = checks.check_speeds(speeds)
             base = checks.ddp_base_options(ddp_kwargs, process_group_timeout)
@@ -92,7 +93,7 @@ def _define(ddp: type, namespace: str) -> type:
             super().__init__(process_group_backend=process_group_backend, **base)
             self.branching, self.stragglers, self.code, self.seed = branching, stragglers, code, seed
             self.transport = transport
-            self.layout, self.chunk_bytes = layout, chunk_bytes
+            self.layout, self.chunk_bytes, self.coded_self = layout, chunk_bytes, coded_self
             self.reduce_timeout = float(timeout)
             self.plan: Optional[CodedReducePlan] = None
             self.reducer: Optional[CodedReducer] = None
@@ -203,7 +204,7 @@ def _define(ddp: type, namespace: str) -> type:
             self.plan = checks.build_plan(self.world_size, self.branching, stragglers, self.code, self.seed,
                                           manual=manual, warn=self._warn, layout=layout,
                                           chunk_bytes=self.chunk_bytes, gradient_bytes=checks.message_bytes(module),
-                                          speeds=self.speeds)
+                                          speeds=self.speeds, coded_self=self.coded_self)
             log.debug(self.plan.describe())
             checks.check_same_plan({k: getattr(self, k) for k in _SAME_ON_EVERY_RANK}, self.plan)
             self._lightning.apply_patches(trainer, self._on_first_sigterm)
@@ -431,6 +432,11 @@ _CLASS_DOC = """Data-parallel training with CodedReduce instead of DDP's all-red
             is sized so that all ranks finish together; the global batch, and so the training run, is
             unchanged. ``None`` (default): all equal. Pair with ``stragglers=0`` when slowness is only
             persistent, so that no sample is computed twice.
+        coded_self: the tree layout: whose own compute is one more slot of its code, so that a parent whose
+            compute is slow still forwards on time. ``"none"`` (default, the paper's tree: a slow rank 0 delays
+            every step), ``"root"`` (rank 0 tolerated like any rank, for R a little higher; a slow internal
+            parent already counts as one straggling child) or ``"all"`` (every parent; R higher still). The
+            balanced layout always tolerates a slow rank 0.
 
     After set-up: ``plan`` (the :class:`CodedReducePlan`), ``reducer``, ``sampler``,
     ``global_batch_size`` and ``step_records`` (one ``{"step", "compute_s", "skipped", "early_buckets"}`` per
