@@ -8,8 +8,12 @@ computes.
 
 1. Every rank records, for every step it computed, its compute seconds and its number of samples
    (``per_sample[t, r]`` = seconds per sample; a step it skipped while catching up is missing).
-2. Every ``every`` steps the ranks exchange those records (the caller's collective), so every rank
-   holds the same history; rank 0 decides (``decide``) and the caller announces the decision.
+2. Every ``every`` steps each rank sends its records to rank 0 without waiting (``CodedReducer.post_note``);
+   rank 0 decides (``decide``) from the records that arrived over the last ``2 * every`` steps and
+   announces the decision with a result (``CodedReducer.announce``): it takes effect at a step every rank
+   learns before it begins it, so neither costs a wait for a straggler. Over gloo's ring (the balanced
+   layout at s=0, where every step waits for every rank anyway) a collective exchanges the records and
+   carries the decision instead (``decision_round``).
 3. The candidates: ``stragglers`` 0 (with and without speed-proportional loads), 1 and 2 where the
    branching allows them, in each allowed layout (the tree and the balanced chunk owners, unless the
    user fixed one); in the tree, s >= 1 also with the root's own compute coded (``coded_self="root"``). Speeds are the per-rank medians of the window's seconds per sample (persistent
@@ -215,7 +219,8 @@ class PlanSchedule:
     candidate, the switch decided but not yet in effect, and every decision (JSON-friendly, for logs).
 
     Used the same way by the Lightning strategy and by :class:`~lightning_codedreduce.engine.AdaptiveReducer`:
-    ``note`` after every step (True when a round is due), ``round`` on every rank then, ``due`` before every step.
+    ``after`` after every step (``note``; when a round is due, ``exchange``: announced decisions, or over gloo's
+    ring ``round``: a collective; then ``poll`` for announced decisions), ``due`` before every step.
     """
 
     def __init__(self, advisor: PlanAdvisor, current: Candidate, every: int):
@@ -225,6 +230,8 @@ class PlanSchedule:
         self._notes: dict[int, float] = {}  # step -> this rank's seconds per sample, since the last round
         self._pending: Optional[tuple[int, Candidate]] = None  # (step it takes effect, candidate)
         self.decisions: list[dict[str, Any]] = []
+        self._received: dict[int, dict[int, float]] = {}  # rank 0: rank -> {step: seconds per sample} received
+        self._seen = 0  # announcements of the current reducer already taken in (``poll``)
 
     def note(self, step: int, compute_s: Optional[float], samples: int) -> bool:
         """This rank's measurement of ``step`` (None: it did not compute it); whether a round is due after it."""
@@ -238,13 +245,72 @@ class PlanSchedule:
         notes, self._notes = self._notes, {}
         decision = decision_round(gather, rank, self.advisor.world_size, notes, self.advisor, step, self.current, when)
         if decision is not None:
-            candidate = decision["candidate"]
-            self._pending = (decision["effective_step"], candidate)
-            self.decisions.append({**{k: v for k, v in decision.items() if k != "candidate"}, "plan": candidate.label,
-                                   "stragglers": candidate.stragglers,
-                                   "speeds": list(candidate.speeds) if candidate.speeds else None,
-                                   "redundancy": self.advisor.plan(candidate).redundancy, "applied": False})
+            self._adopt(decision)
         return decision
+
+    def after(self, step: int, compute_s: Optional[float], samples: int, reducer: Any,
+              gather: Callable[[Any], dict[int, Any]], *, lead: int = 1,
+              when: Callable[[Decision], dict[str, Any]] = lambda found: {},
+              where: Callable[[int], dict[str, Any]] = lambda effective: {}) -> list[dict[str, Any]]:
+        """After ``step``, on every rank: note it and, when a round is due, hold it (``reducer``: the open
+        :class:`~lightning_codedreduce.engine.CodedReducer`; ``gather`` over it for gloo's ring, where ``when``
+        places the switch; ``lead`` and ``where`` for announced ones). Returns the decisions this rank took in
+        now (to tell its sampler), the same on every rank."""
+        new = []
+        if self.note(step, compute_s, samples):
+            if reducer.announces_in_order:
+                self.exchange(step, reducer, lead)
+            else:
+                decision = self.round(step, gather, reducer.rank, when)
+                new += [decision] if decision is not None else []
+        return new + self.poll(reducer.announced(), where)
+
+    def exchange(self, step: int, reducer: Any, lead: int = 1) -> None:
+        """A round that waits for nobody (the module docstring's step 2): this rank's notes go to rank 0, which
+        decides from what arrived and announces a switch ``lead`` steps past its result frontier (enough for
+        every rank's loader prefetch). ``reducer``: a :class:`~lightning_codedreduce.engine.CodedReducer`."""
+        notes, self._notes = self._notes, {}
+        if reducer.rank != 0:
+            if notes:
+                reducer.post_note(notes)
+            return
+        for rank, values in [(0, notes), *reducer.take_notes()]:
+            self._received.setdefault(rank, {}).update(values)
+        recent = {r: {t: v for t, v in values.items() if t > step - 2 * self.every}
+                  for r, values in self._received.items()}
+        self._received = recent
+        if self._pending is not None:
+            return
+        found = self.advisor.decide(step, self.current, notes_window(recent, self.advisor.world_size))
+        if found is not None:
+            reducer.announce({"candidate": found.candidate, "step": step, "reason": found.reason, "gain": found.gain,
+                              "predicted_ms": {k: round(v * 1e3, 2) for k, v in found.predicted_s.items()}},
+                             lead)
+
+    def poll(self, announced: list[tuple[int, dict[str, Any]]],
+             where: Callable[[int], dict[str, Any]] = lambda effective: {}) -> list[dict[str, Any]]:
+        """Take in the decisions announced since the last call (``CodedReducer.announced()``); returns them, each
+        with its ``effective_step`` and what ``where(effective_step)`` adds (e.g. the loader position), the same
+        on every rank."""
+        new = []
+        for effective, decision in announced[self._seen:]:
+            decision = {**decision, "effective_step": effective, **where(effective)}
+            self._adopt(decision)
+            new.append(decision)
+        self._seen = len(announced)
+        return new
+
+    def reset_announcements(self) -> None:
+        """A new reducer (a switch): its announcements start afresh."""
+        self._seen = 0
+
+    def _adopt(self, decision: dict[str, Any]) -> None:
+        candidate = decision["candidate"]
+        self._pending = (decision["effective_step"], candidate)
+        self.decisions.append({**{k: v for k, v in decision.items() if k != "candidate"}, "plan": candidate.label,
+                               "stragglers": candidate.stragglers,
+                               "speeds": list(candidate.speeds) if candidate.speeds else None,
+                               "redundancy": self.advisor.plan(candidate).redundancy, "applied": False})
 
     def due(self, step: int) -> Optional[CodedReducePlan]:
         """The plan that takes effect at ``step``, if one does (it becomes the current one)."""

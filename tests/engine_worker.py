@@ -42,6 +42,7 @@ def main() -> None:
     p.add_argument("--chunk-bytes", type=int, default=1 << 20)
     p.add_argument("--parts", type=int, default=0,
                    help="hand the gradient in as it is written: begin(), this many ranges in random order, finish()")
+    p.add_argument("--adapt-margin", type=float, default=0.1, help="PlanAdvisor(margin=...); 0.99: never switch")
     p.add_argument("--adaptive", type=int, default=0,
                    help="stragglers='auto' (AdaptiveReducer): a decision round every this many steps")
     p.add_argument("--out", required=True)
@@ -62,10 +63,10 @@ def main() -> None:
     sleep_rank, sleep_step, sleep_secs = (a.sleep_once.split(":") + ["", "", ""])[:3] if a.sleep_once else (-1, -1, 0)
     slow_rank, slow_factor = a.slow.split(":") if a.slow else (-1, 1)
     out = {"rank": rank, "hashes": [], "errors": [], "applied_at": [], "skipped": [], "backlog": [],
-           "fingerprint": plan.fingerprint(), "error": None}
+           "fingerprint": plan.fingerprint(), "error": None, "decision_seen_after": []}
     if a.adaptive:  # the plan follows the advisor; every reducer on a private gloo group, opened collectively
         advisor = PlanAdvisor(world, branching=a.n, layouts=(a.layout,), chunk_bytes=a.chunk_bytes, message_bytes=a.dim * 4,
-                              global_batch=batch, patience=1)
+                              global_batch=batch, patience=1, margin=a.adapt_margin)
         reducer = AdaptiveReducer(plan, advisor, lambda p, start: CodedReducer(
             p, timeout=a.timeout, start_step=start, group=dist.new_group(backend="gloo")), every=a.adaptive)
     else:
@@ -108,7 +109,9 @@ def main() -> None:
                     result = reducer.reduce(step, local, in_place=a.in_place)
                 out["backlog"].append(engine(reducer).backlog_steps)
             if a.adaptive:
+                known = len(reducer.decisions)
                 reducer.end(step, compute, sum(map(len, shards)))
+                out["decision_seen_after"] += [step] * (len(reducer.decisions) - known)
             th64 = theta.double().numpy()
             xs, ys = X[idx], Y[idx]
             ref = ((xs @ th64 - ys)[:, None] * xs).sum(0)

@@ -92,6 +92,57 @@ def test_missing_measurements_and_speed_estimates():
     assert advisor.plan(Candidate(2)) is None and Candidate(2) not in advisor.candidates(window("calm")[:, :3])
 
 
+class Channel:
+    """What ``PlanSchedule.exchange`` uses of a CodedReducer, for W ranks in one process: notes go to rank 0's
+    inbox, announcements to every rank's list, effective ``lead`` steps past a given result frontier."""
+
+    def __init__(self, frontier: int):
+        self.inbox, self.announced_list, self.frontier = [], [], frontier
+
+    def port(self, rank: int):
+        channel = self
+
+        class Port:
+            def post_note(self, obj):
+                channel.inbox.append((rank, obj))
+
+            def take_notes(self):
+                notes, channel.inbox = channel.inbox, []
+                return notes
+
+            def announce(self, obj, lead):
+                channel.announced_list.append((channel.frontier + lead, obj))
+                return channel.frontier + lead
+
+            def announced(self):
+                return list(channel.announced_list)
+
+        port = Port()
+        port.rank = rank
+        return port
+
+
+def test_schedule_exchange_decides_from_posted_notes_and_every_rank_adopts_the_announcement():
+    from lightning_codedreduce.adapt import PlanSchedule
+
+    advisor = PlanAdvisor(W, message_bytes=1 << 20, global_batch=W * 32, patience=1)
+    schedules = [PlanSchedule(advisor, Candidate(0), every=10) for _ in range(W)]
+    channel = Channel(frontier=11)
+    slow = window("slow", steps=10)
+    for r in reversed(range(W)):  # rank 0 last: the others' notes are in its inbox when it decides
+        for t in range(10):
+            due = schedules[r].note(t, slow[t, r] * 32, 32)
+        assert due
+        schedules[r].exchange(9, channel.port(r), lead=3)
+    assert len(channel.announced_list) == 1 and channel.announced_list[0][0] == 14  # frontier 11 + lead 3
+    decisions = [s.poll(channel.port(r).announced()) for r, s in enumerate(schedules)]
+    assert all(d == decisions[0] for d in decisions) and decisions[0][0]["effective_step"] == 14
+    assert decisions[0][0]["candidate"].speeds[3] < 0.7  # the slow rank's posted notes decided it
+    assert all(s.due(13) is None and s.due(14) is not None for s in schedules)
+    assert all(s.current == decisions[0][0]["candidate"] for s in schedules)
+    assert schedules[0].poll(channel.port(0).announced()) == []  # each announcement is taken in once
+
+
 def test_sampler_switches_plan_mid_epoch_without_losing_a_sample():
     """From (epoch, step) on every rank allocates by the new plan: the global batches do not change, and every
     sample of the epoch is computed (and counted) as before."""

@@ -160,8 +160,9 @@ def scenario(pl, out: Path, name: str) -> dict:
         return {"ddp": fit(pl, out, name, "ddp", **kw),
                 "codedreduce": fit(pl, out, name, "codedreduce", delay=(0, 0.5, 0.3), **kw,
                                    options=dict(layout="balanced", bucket_cap_mb=1e-6, speeds=slow_rank_speeds(0)))}
-    if name == "auto":  # stragglers="auto": rank 1 persistently slow; a decision every 2 steps switches plans mid-epoch
-        auto = dict(stragglers="auto", adapt_every=2, adapt_patience=1)
+    if name.startswith("auto"):  # stragglers="auto": rank 1 persistently slow; a decision every 2 steps switches
+        # plans mid-epoch; "auto_tree" starts on the tree (announced decisions), "auto" on gloo's ring (gathers)
+        auto = dict(stragglers="auto", adapt_every=2, adapt_patience=1, layout="tree" if name == "auto_tree" else "auto")
         return {"ddp": fit(pl, out, name, "ddp", epochs=3),
                 "codedreduce": fit(pl, out, name, "codedreduce", epochs=3, delay=(1, 1.0, 0.15), options=auto)}
     if name == "coded_root":  # the tree with rank 0's own compute coded: rank 0 stalls through epoch 1
@@ -236,7 +237,7 @@ def _same_run(res: dict) -> float:
 
 WORLDS = (2, 3, 4, 5, 7, 8)
 GRID_NAMES = [grid_name(*g) for g in GRID]
-EXTRAS = {4: ["swa_batchnorm", "unused_weight_decay", "deterministic", "balanced", "auto", "coded_root"],
+EXTRAS = {4: ["swa_batchnorm", "unused_weight_decay", "deterministic", "balanced", "auto", "auto_tree", "coded_root"],
           3: ["deterministic", "stall_whole_epoch"], 7: ["deterministic", "balanced"]}
 _JOBS: dict[int, Path] = {}
 
@@ -339,15 +340,22 @@ def test_tree_with_a_coded_root_trains_ddps_run_while_rank_0_stalls(job):
     _same_run(ranks[0])
 
 
-def test_auto_plan_switches_mid_epoch_and_trains_ddps_run(job):
+@pytest.mark.parametrize("name", ["auto", "auto_tree"])
+def test_auto_plan_switches_mid_epoch_and_trains_ddps_run(job, name):
     """stragglers="auto" with a persistently slow rank: the plan changes mid-epoch (the sampler and the reducer at
-    the same agreed step), every sample of every epoch is counted exactly once, and the run is DDP's."""
-    ranks = [_result(job(4), "auto", r) for r in range(4)]
+    the same agreed step), every sample of every epoch is counted exactly once, and the run is DDP's. From gloo's
+    ring (the default start) decisions travel by gathers; from the tree, announced with a result."""
+    ranks = [_result(job(4), name, r) for r in range(4)]
     decisions = ranks[0]["codedreduce"]["decisions"]
     assert decisions, "no plan switch with rank 1 sleeping 0.15 s every step"
-    assert all(r["codedreduce"]["decisions"] == decisions for r in ranks)  # every rank switched at the same steps
-    assert any(d["batch"] > 0 and d["applied"] for d in decisions), decisions  # one took effect inside an epoch
-    assert all(d["effective_step"] > d["step"] for d in decisions)
+    applied = [d for d in decisions if d["applied"]]  # (one announced past the last step may reach only some ranks)
+    assert all([d for d in r["codedreduce"]["decisions"] if d["applied"]] == applied for r in ranks)  # same steps
+    steps_per_epoch = ranks[0]["codedreduce"]["steps_per_epoch"]
+    for d in decisions:  # the loader position every rank switched its sampler at is the agreed step's
+        assert d["effective_step"] > d["step"] and d["epoch"] * steps_per_epoch + d["batch"] == d["effective_step"]
+    assert decisions[0]["applied"]
+    if name == "auto":  # (from the tree, the first switch may fall on an epoch's first batch)
+        assert any(d["batch"] > 0 and d["applied"] for d in decisions), decisions  # one took effect inside an epoch
     seen = {s: Counter(i for r in ranks for i in r[s]["seen"]) for s in ("ddp", "codedreduce")}
     if not any(r["codedreduce"]["skipped"] for r in ranks):  # (a lagging rank counts none of a skipped step)
         assert seen["codedreduce"] == seen["ddp"]

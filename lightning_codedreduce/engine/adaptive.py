@@ -10,9 +10,12 @@ Call order, every step ``t``, on every rank::
     else:
         ...forward/backward on plan.shards(rank, B)...
         g = reducer.reduce(t, local)
-    reducer.end(t, compute_s, samples)     # notes; every ``every`` steps a decision round (waits for all)
+    reducer.end(t, compute_s, samples)     # notes; every ``every`` steps a decision round (waits for nobody)
 
-A switch decided after step ``t`` takes effect at ``t + 1``: every rank learns it in ``end(t)``. The
+Every ``every`` steps each rank sends its notes to rank 0 and rank 0 announces any switch with a result
+(``adapt.PlanSchedule.exchange``): it takes effect at a step every rank learns before it begins it, so
+only the switch itself (opening the new reducer) waits for every rank. Over gloo's ring (balanced
+layout, s=0) a collective carries the round instead, and the switch takes effect at ``t + 1``. The
 global batch is the caller's and never changes, so the training is the same whatever the plan.
 """
 from __future__ import annotations
@@ -70,10 +73,11 @@ class AdaptiveReducer:
         old.close()
         old.wait_for_peers(old.timeout)  # a peer still catching up gets the old plan's last results first
         self.plan, self.reducer = plan, self._open(plan, step)
+        self.schedule.reset_announcements()
 
     def end(self, step: int, compute_s: Optional[float] = None, samples: int = 0) -> None:
         """After ``step``: note this rank's seconds per sample (``compute_s`` None: it did not compute the step);
         every ``every`` steps, a decision round."""
-        if self.schedule.note(step, compute_s, samples):
-            gather = lambda obj: self.reducer.all_gather_object(obj)[0]  # noqa: E731 - {rank: obj} of the live ranks
-            self.schedule.round(step, gather, self.reducer.rank, lambda found: {"effective_step": step + 1})
+        gather = lambda obj: self.reducer.all_gather_object(obj)[0]  # noqa: E731 - {rank: obj} of the live ranks
+        self.schedule.after(step, compute_s, samples, self.reducer, gather,
+                            when=lambda found: {"effective_step": step + 1})

@@ -58,6 +58,7 @@ class BalancedProtocol(Protocol):
         self.assembly: dict[int, _Assembly] = {}
         self.used: dict[int, set[int]] = {}  # step -> ranks whose parts were summed here
         self.starved_from: Optional[int] = None  # first step that can never complete (an owner closed)
+        self.sent_until = start_step  # every reduced chunk this rank sent is of a step below (steps go in order)
         self._bounds: dict[tuple[int, torch.dtype], list[tuple[int, int]]] = {}
         self._chunk_starts: dict[tuple[int, torch.dtype], list[int]] = {}  # for bisecting a filled range
         # result buffers by step, for the links' receivers: a reduced chunk lands where it belongs (the
@@ -241,6 +242,7 @@ class BalancedProtocol(Protocol):
         header = Header(Kind.CHUNK_DOWN, step, b - a, out.dtype, self.rank, extra=c, total=asm.result.numel())
         for link in self.links.values():
             link.send(header, out)
+        self.sent_until = max(self.sent_until, step + 1)
         left = self.owned_left[step]
         left.discard(c)
         if not left:
@@ -270,6 +272,10 @@ class BalancedProtocol(Protocol):
 
     def advance(self) -> None:
         """Nothing to do between events: chunks are reduced and forwarded as their parts arrive."""
+
+    def result_frontier(self) -> int:
+        # rank 0 owns chunk 0 of every step: no rank completes a step >= this before rank 0 sends it more
+        return self.sent_until
 
     # ------------------------------------------------------------------ peers that go away
     def on_dead(self, peer: int, why: str) -> None:

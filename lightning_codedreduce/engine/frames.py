@@ -27,9 +27,12 @@ class Kind(enum.IntEnum):
     CTRL_DOWN = 7  # parent -> child: a control collective's result
     CHUNK_UP = 8  # any rank -> a chunk's owner: that chunk of the rank's coded gradient (balanced layout)
     CHUNK_DOWN = 9  # owner -> every rank: the chunk's reduced sum (balanced layout)
+    NOTE = 10  # child -> parent, on to rank 0: a value that waits for nobody (pickled, see notices.py)
+    ANNOUNCE = 11  # parent -> child: rank 0's value, effective at ``step``, ahead of that result (notices.py)
 
 
-WITH_PAYLOAD = (Kind.UP, Kind.DOWN, Kind.CTRL_UP, Kind.CTRL_DOWN, Kind.CHUNK_UP, Kind.CHUNK_DOWN)
+WITH_PAYLOAD = (Kind.UP, Kind.DOWN, Kind.CTRL_UP, Kind.CTRL_DOWN, Kind.CHUNK_UP, Kind.CHUNK_DOWN, Kind.NOTE,
+                Kind.ANNOUNCE)
 
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.uint8]

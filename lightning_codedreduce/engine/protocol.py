@@ -135,3 +135,7 @@ class Protocol:
 
     def advance(self) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def result_frontier(self) -> int:  # pragma: no cover - abstract
+        """Rank 0: the first step whose result (or part of it) it has not sent to any peer yet."""
+        raise NotImplementedError

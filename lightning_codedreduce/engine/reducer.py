@@ -41,6 +41,7 @@ from .board import CodedReduceError, ResultBoard
 from .collectives import TreeCollectives
 from .events import Abort, BadFrame, Close, ControlValue, FrameArrived, LocalFilled, LocalReady, PeerDead
 from .frames import FrameError, Header, Kind, fingerprint_int
+from .notices import Announcement, Note, Notices
 from .protocol import Protocol, StepStats
 from .tree import TreeProtocol
 from .transport import TAG, Link, check_transport, link_groups
@@ -113,6 +114,7 @@ class CodedReducer:
         layout = BalancedProtocol if plan.balanced is not None else TreeProtocol
         self._protocol: Protocol = layout(plan, self.rank, self._board, links, start_step=start_step)
         self._control = TreeCollectives(self._protocol, self._events.put)
+        self._notices = Notices(self._protocol, self._events.put, self._protocol.result_frontier)
         for link in links.values():
             link.start()
         self._thread = threading.Thread(target=self._run, name="codedreduce-protocol", daemon=True)
@@ -252,6 +254,34 @@ class CodedReducer:
         ranks known dead)``, the same on every survivor. Every rank must call it in the same order."""
         return self._control.all_gather_object(obj)
 
+    # ------------------------------------------------------------------ notes and announcements (notices.py)
+    @property
+    def announces_in_order(self) -> bool:
+        """Whether ``announce`` reaches every rank before the results it must precede (not over gloo's ring)."""
+        return not self._ring
+
+    def post_note(self, obj) -> None:
+        """Send ``obj`` to rank 0 without waiting for anyone (rank 0 reads it with ``take_notes``)."""
+        self._raise_if_failed()
+        self._notices.post(obj)
+
+    def take_notes(self) -> list[tuple[int, object]]:
+        """Rank 0: the ``(rank, obj)`` notes that arrived since the last call."""
+        return self._notices.take_notes()
+
+    def announce(self, obj, lead: int = 1) -> int:
+        """Rank 0: send ``obj`` to every rank, to take effect at the returned step, ``lead`` steps past the first
+        result rank 0 has not sent yet: every rank has it before it can begin that step. Waits for no peer."""
+        if not self.announces_in_order:
+            raise ValueError("announce() needs the results on the reducer's links; gloo's ring all-reduce (balanced "
+                             "layout, stragglers=0) carries them outside: use all_gather_object there")
+        self._raise_if_failed()
+        return self._notices.announce(obj, lead)
+
+    def announced(self) -> list[tuple[int, object]]:
+        """Every ``(effective step, obj)`` rank 0 announced so far, in order."""
+        return self._notices.announced()
+
     def abort(self, reason: str) -> None:
         """Stop every rank: this rank failed (e.g. an exception in training) and the plan may need it."""
         self._events.put(Abort(reason))
@@ -333,6 +363,10 @@ class CodedReducer:
                     self._on_frame(event.src, event.header, event.payload)
                 elif isinstance(event, ControlValue):
                     self._control.on_local(event.seq, event.value)
+                elif isinstance(event, Note):
+                    self._notices.on_note(event.value)
+                elif isinstance(event, Announcement):
+                    self._notices.on_announcement(event.value, event.lead)
                 elif isinstance(event, PeerDead):
                     protocol.on_dead(event.peer, event.why)
                 elif isinstance(event, BadFrame):
@@ -363,6 +397,8 @@ class CodedReducer:
                           culprit=header.extra, forward_from=src)
         elif header.kind in (Kind.CTRL_UP, Kind.CTRL_DOWN):
             self._control.on_frame(src, header, payload)
+        elif header.kind in (Kind.NOTE, Kind.ANNOUNCE):
+            self._notices.on_frame(src, header, payload)
         else:
             protocol.on_data_frame(src, header, payload)
 

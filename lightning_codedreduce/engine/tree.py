@@ -103,6 +103,9 @@ class TreeProtocol(Protocol):
         else:
             self.parent.send(Header(Kind.UP, step, out.numel(), out.dtype, self.rank), out)
 
+    def result_frontier(self) -> int:
+        return self.decode_step  # the root publishes (and sends down) every step below it
+
     def _check_still_decodable(self, step: int, arrived) -> None:
         """Fail (instead of waiting forever) when children that closed are needed for ``step``."""
         gone = [c for c in self.children if c in self.finished and c not in arrived]

@@ -6,11 +6,13 @@ Call order, every optimizer step (the :class:`~.aggregation.GradientAggregator` 
    closes the reducer and opens one for the new plan (every rank does this at the same step; opening is
    collective). The sampler already allocates this step by the new plan (step 3).
 2. the step is computed (or skipped while catching up) and reduced;
-3. ``after_reduce(step, record)``: the rank notes its seconds per sample. Every ``every`` steps the ranks
-   exchange their notes (one gather over the reduce tree), rank 0 asks the
-   :class:`~lightning_codedreduce.adapt.PlanAdvisor` and announces its decision with a second gather. A switch
-   takes effect at the first optimizer step that starts at least the loader's prefetch ahead (or at the
-   next epoch): the sampler is told now, the reducer is switched at that step (step 1).
+3. ``after_reduce(step, record)``: the rank notes its seconds per sample. Every ``every`` steps each rank sends
+   its notes to rank 0 without waiting, and rank 0 asks the :class:`~lightning_codedreduce.adapt.PlanAdvisor`
+   and announces its decision with a result (``PlanSchedule.exchange``), effective far enough past that
+   result that every rank learns it before its loader prefetches the step; every rank takes announced
+   decisions in after every step and tells its sampler at once (the reducer is switched at that step:
+   step 1). Over gloo's ring (balanced layout, s=0) two gathers carry the notes and the decision instead,
+   and the switch takes effect at the first step beyond the loader's prefetch (or the next epoch).
 
 The global batch never changes, so the training run is the one every fixed plan would give.
 """
@@ -57,6 +59,7 @@ class PlanSwitcher:
     def use(self, fit: FitContext) -> None:
         """The plan changed: the same fit with the new reducer."""
         self._fit = fit
+        self._schedule.reset_announcements()
 
     def stop(self) -> None:
         self._schedule = self._fit = self._reopen = self._gather = None
@@ -69,11 +72,24 @@ class PlanSwitcher:
             log.info(f"[rank {self._fit.rank}] CodedReduce: plan {self._schedule.current.label} from step {step}")
 
     def after_reduce(self, step: int, compute_s: Optional[float], samples: int) -> None:
-        if self._schedule is None or not self._schedule.note(step, compute_s, samples):
+        if self._schedule is None:
             return
-        decision = self._schedule.round(step, self._gather, self._fit.rank, lambda found: self._switch_point(step))
-        if decision is not None:
+        accumulate = self._fit.trainer.accumulate_grad_batches
+
+        def where(effective: int) -> dict[str, int]:  # announced: effective past this rank's prefetch
+            epoch, batch = self._loader.position_after(effective - step, accumulate)
+            return {"epoch": epoch, "batch": batch}
+
+        for decision in self._schedule.after(step, compute_s, samples, self._fit.reducer, self._gather,
+                                             lead=self._lead(), when=lambda found: self._switch_point(step),
+                                             where=where):
             self._announce(decision)
+
+    def _lead(self) -> int:
+        """Steps past rank 0's result frontier for an announced switch. A rank learns of it at the latest after the
+        frontier step, having drawn at most ``prefetched_batches`` more batches: one step, plus the steps those cover."""
+        accumulate = max(1, self._fit.trainer.accumulate_grad_batches)
+        return 1 + -(-self._loader.prefetched_batches // accumulate)
 
     def _switch_point(self, step: int) -> dict[str, int]:
         """Where a switch decided after ``step`` takes effect: beyond what the loader may have prefetched."""

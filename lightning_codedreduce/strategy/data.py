@@ -208,6 +208,18 @@ class TrainLoader:
             batch, ahead = batch + accumulate, ahead + 1
         return (epoch + 1, 0, ahead) if batch >= batches else (epoch, batch, ahead)
 
+    def position_after(self, steps: int, accumulate: int) -> tuple[int, int]:
+        """``(epoch, batch)`` of the first batch of the optimizer step ``steps`` (>= 1) after the one whose last
+        batch is being trained (Lightning steps at an epoch's last batch, accumulated or not)."""
+        accumulate = max(1, accumulate)
+        batches = _steps_per_epoch(len(self.sampler), self._limit)
+        epoch, batch = self._epoch, self._batch_idx + 1  # the next step's first batch
+        for later in range(steps):
+            batch += accumulate if later else 0
+            if batch >= batches:
+                epoch, batch = epoch + 1, 0
+        return epoch, batch
+
     @property
     def prefetched_batches(self) -> int:
         """How many batches the training loader may have drawn from the sampler ahead of the one trained."""
