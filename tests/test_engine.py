@@ -26,6 +26,17 @@ def _assert_exact_and_identical(res):
     assert len({d["theta"] for d in res.values()}) == 1
 
 
+def _assert_the_others_went_on(res, sleeper, at_least, caught_up=True):
+    """Every rank but ``sleeper`` completed ``at_least`` steps while it slept; it then caught up by applying the
+    results it missed, not by computing them."""
+    start, end = res[sleeper]["sleep"]
+    for r in set(res) - {sleeper}:
+        during = sum(1 for t in res[r]["applied_at"] if start < t < end)
+        assert during >= at_least, f"rank {r} completed only {during} steps while rank {sleeper} slept"
+    if caught_up:
+        assert len(res[sleeper]["skipped"]) >= at_least
+
+
 @pytest.mark.parametrize("world,n,s,coded", [(7, 3, 1, "none"), (7, 2, 1, "none"), (7, 6, 2, "none"),
                                              (13, 3, 1, "none"), (13, 12, 1, "none"), (13, 4, 2, "none"),
                                              (7, 3, 0, "none"), (13, 3, 1, "root"), (7, 3, 1, "all")])
@@ -63,10 +74,7 @@ def test_adaptive_decision_rounds_do_not_wait_for_a_sleeping_rank(tmp_path):
                                          "--steps", "60", "--sleep-once", "3:4:8"], tmp_path)
     run.check()
     res = _results(run, range(4))
-    start, end = res[3]["sleep"]
-    for r in range(3):
-        during = sum(1 for t in res[r]["applied_at"] if start < t < end)
-        assert during >= 15, f"rank {r} completed only {during} steps while rank 3 slept (about 5 decision rounds)"
+    _assert_the_others_went_on(res, 3, 15, caught_up=False)  # (about 5 decision rounds while it slept)
     assert all(d["decisions"] == [] for d in res.values())
     _assert_exact_and_identical(res)
 
@@ -76,11 +84,7 @@ def test_leaf_sleeping_20s_does_not_stop_the_others(tmp_path):
     run = launch("engine_worker.py", 7, ["--steps", "60", "--compute", "0.05", "--sleep-once", "6:5:20"], tmp_path)
     run.check()
     res = _results(run, range(7))
-    start, end = res[6]["sleep"]
-    for r in range(6):
-        during = sum(1 for t in res[r]["applied_at"] if start < t < end)
-        assert during >= 20, f"rank {r} completed only {during} steps while rank 6 slept"
-    assert len(res[6]["skipped"]) >= 20  # it caught up by applying results, not by computing
+    _assert_the_others_went_on(res, 6, 20)
     _assert_exact_and_identical(res)
 
 
@@ -92,11 +96,7 @@ def test_coded_own_slot_sleeping_parent_root_included_does_not_stop_the_others(t
                                          "--sleep-once", f"{sleeper}:5:15"], tmp_path)
     run.check()
     res = _results(run, range(7))
-    start, end = res[sleeper]["sleep"]
-    for r in set(range(7)) - {sleeper}:
-        during = sum(1 for t in res[r]["applied_at"] if start < t < end)
-        assert during >= 15, f"rank {r} completed only {during} steps while rank {sleeper} slept"
-    assert len(res[sleeper]["skipped"]) >= 15  # it caught up by applying results, not by computing
+    _assert_the_others_went_on(res, sleeper, 15)
     forwarded = [t for t in res[sleeper]["forwarded_without_own"] if t >= 5]
     assert len(forwarded) >= 15, f"rank {sleeper} decoded only steps {forwarded} without its own gradient"
     _assert_exact_and_identical(res)
@@ -261,11 +261,7 @@ def test_balanced_sleeping_rank_root_included_does_not_stop_the_others(tmp_path,
                                          "--sleep-once", f"{sleeper}:5:15"], tmp_path)
     run.check()
     res = _results(run, range(7))
-    start, end = res[sleeper]["sleep"]
-    for r in set(range(7)) - {sleeper}:
-        during = sum(1 for t in res[r]["applied_at"] if start < t < end)
-        assert during >= 15, f"rank {r} completed only {during} steps while rank {sleeper} slept"
-    assert len(res[sleeper]["skipped"]) >= 15  # it caught up by applying results, not by computing
+    _assert_the_others_went_on(res, sleeper, 15)
     _assert_exact_and_identical(res)
 
 
