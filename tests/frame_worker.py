@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_codedreduce.engine import CodedReduceError, CodedReducer
+from lightning_codedreduce.engine.collectives import pack
 from lightning_codedreduce.engine.frames import MAGIC, Header, Kind, fingerprint_int
 from lightning_codedreduce.engine.transport import TAG, link_groups
 from lightning_codedreduce.plan import CodedReducePlan
@@ -22,6 +23,9 @@ def crafted(case: str, fp: int) -> list[torch.Tensor]:
         return [Header(Kind.UP, 7, 4, torch.float32, 1).encode(fp), torch.ones(4)]
     if case == "length":
         return [Header(Kind.UP, 0, 5, torch.float32, 1).encode(fp), torch.ones(5)]
+    if case == "announce":  # only a parent announces (rank 0's decisions travel down)
+        payload = pack({"switch": True})
+        return [Header(Kind.ANNOUNCE, 3, payload.numel(), torch.uint8, 1).encode(fp), payload]
     if case == "magic":
         raw = up.encode(fp)
         raw[0] = MAGIC + 1
@@ -47,7 +51,7 @@ def main() -> None:
     # rank 1 never answers rank 0's heartbeats, so the link's gloo pair must carry nothing else.
     plan = CodedReducePlan(2, 2, 1)
     fp = fingerprint_int(plan.fingerprint())
-    for number, case in enumerate(("fingerprint", "step", "length", "magic")):
+    for number, case in enumerate(("fingerprint", "step", "length", "magic", "announce")):
         tag = TAG + 1 + number  # a failed reducer's receive stays posted: each case gets its own tag
         done = os.path.join(out_dir, f"{case}.done")
         if rank == 1:  # the link's own process group, created as rank 0's reducer creates it

@@ -240,6 +240,7 @@ def test_bad_frames_rejected(tmp_path):
     assert "UP frame for step 7" in res["step"]
     assert "sent 5" in res["length"] and "expected 4" in res["length"]
     assert "bad magic" in res["magic"]
+    assert "ANNOUNCE frame from rank 1, which is not this rank's parent" in res["announce"]
 
 
 # ---------------------------------------------------------------------------- the balanced layout
