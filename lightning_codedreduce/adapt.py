@@ -23,7 +23,9 @@ computes.
    (a missing measurement: the rank's median), and the step ends when every rank has the result
    (``sim.step_time``, on ``network``).
 5. Hysteresis: the best candidate replaces the current plan only when it is predicted at least
-   ``margin`` faster in ``patience`` decisions in a row, so noise does not make the plan flap.
+   ``margin`` faster in ``patience`` decisions in a row, so noise does not make the plan flap. Rounds
+   agree when their best candidates differ only by speed noise (``Candidate.agrees``: every rank's
+   speed within ``SPEED_AGREE``); the latest one is taken.
 
 The caller switches at a step every rank agrees on (the strategy: far enough ahead that no loader has
 prefetched it); plain PyTorch loops do the same with :class:`~lightning_codedreduce.engine.CodedReducer`
@@ -41,6 +43,7 @@ from .plan import CodedReducePlan
 
 SPEED_STEP = 0.05  # speeds are rounded to this (a plan is not rebuilt for noise)
 SPEED_NOISE = 0.9  # ranks within 10 % of the fastest count as full speed
+SPEED_AGREE = 0.15  # two rounds' speed estimates this close (per rank) propose the same plan
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,18 @@ class Candidate:
     speeds: Optional[tuple[float, ...]] = None
     layout: str = "tree"
     coded_self: str = "none"  # the tree: whose own compute is a slot of its code (CodedReducePlan(coded_self=))
+
+    def agrees(self, other: Optional["Candidate"]) -> bool:
+        """The same plan up to speed noise: layout, tolerance and coded slots equal, and every rank's speed within
+        ``SPEED_AGREE`` (so a streak of decisions is not broken by a speed estimate moving by a rounding step or
+        two, or a rank crossing the full-speed threshold)."""
+        if other is None or (self.stragglers, self.layout, self.coded_self) != (other.stragglers, other.layout,
+                                                                               other.coded_self):
+            return False
+        if self.speeds is None or other.speeds is None:
+            return self.speeds is None and other.speeds is None
+        mine, theirs = np.asarray(self.speeds), np.asarray(other.speeds)
+        return bool(np.abs(mine - theirs).max() <= SPEED_AGREE + 1e-9)
 
     @property
     def label(self) -> str:
@@ -176,8 +191,7 @@ class PlanAdvisor:
         if best == current or scores[best] > now * (1 - self.margin):
             self._streak = (None, 0)
             return None
-        same = self._streak[0] == best
-        self._streak = (best, self._streak[1] + 1 if same else 1)
+        self._streak = (best, self._streak[1] + 1 if best.agrees(self._streak[0]) else 1)
         if self._streak[1] < self.patience:
             return None
         self._streak = (None, 0)

@@ -80,6 +80,23 @@ def test_hysteresis_needs_patience_and_margin():
         assert advisor.decide(49, Candidate(0), window("calm", seed=_)) is None
 
 
+def test_rounds_agree_up_to_speed_noise():
+    """Two rounds whose speed estimates differ by noise (rank 3 at 0.5 then 0.45; rank 5 crossing the full-speed
+    threshold) agree, so the switch comes after ``patience`` rounds; a different slow rank starts a new streak."""
+    advisor = PlanAdvisor(W, message_bytes=1 << 20, global_batch=W * 32, patience=2)
+    first, second, other = window("slow", seed=1), window("slow", seed=2), window("slow", seed=3)
+    second[:, 3] *= 1.1
+    second[:, 5] *= 1.15
+    other[:, 3], other[:, 1] = other[:, 1], other[:, 3] * 1.0  # rank 1 is the slow one now
+    a, b = estimate_speeds(first), estimate_speeds(second)
+    assert a != b and Candidate(0, a).agrees(Candidate(0, b)) and not Candidate(0, a).agrees(Candidate(0, b, "balanced"))
+    assert not Candidate(0, a).agrees(Candidate(0, estimate_speeds(other))) and not Candidate(0, a).agrees(Candidate(0))
+    assert advisor.decide(9, Candidate(0), first) is None
+    decision = advisor.decide(19, Candidate(0), second)
+    assert decision is not None and decision.candidate.speeds == b  # the latest estimate
+    assert advisor.decide(29, Candidate(0), first) is None and advisor.decide(39, Candidate(0), other) is None
+
+
 def test_missing_measurements_and_speed_estimates():
     w = window("slow")
     w[5:9, 3] = np.nan  # rank 3 skipped those steps while catching up
