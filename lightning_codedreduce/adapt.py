@@ -16,8 +16,9 @@ computes.
    carries the decision instead (``decision_round``).
 3. The candidates: ``stragglers`` 0 (with and without speed-proportional loads), 1 and 2 where the
    branching allows them, in each allowed layout (the tree and the balanced chunk owners, unless the
-   user fixed one); in the tree, s >= 1 also with the root's own compute coded (``coded_self="root"``). Speeds are the per-rank medians of the window's seconds per sample (persistent
-   slowness), rounded to 0.05 and 1 within 10 % of the fastest.
+   user fixed one); in the tree, s >= 1 also with the root's own compute coded (``coded_self="root"``).
+   Speeds are the per-rank medians of the window's seconds per sample (persistent slowness), rounded
+   to 0.05 and 1 within 10 % of the fastest.
 4. Each candidate is scored by replaying the window through the simulator, one step at a time: rank
    ``r``'s gradient is ready after its measured seconds per sample times its samples in the candidate
    (a missing measurement: the rank's median), and the step ends when every rank has the result

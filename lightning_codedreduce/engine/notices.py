@@ -81,7 +81,7 @@ class Notices:
         self._submit(Announcement(value, lead))
         with board.cond:
             board.wait(lambda: self._done >= target, "the announcement was sent", self._port.starved_control)
-            return self._announced[target - 1][0] if len(self._announced) >= target else -1
+            return self._announced[target - 1][0]  # rank 0 records only its own announcements
 
     def announced(self) -> list[tuple[int, Any]]:
         """Every ``(effective step, value)`` announced so far, in order (the same list on every rank)."""

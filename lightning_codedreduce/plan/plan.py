@@ -438,12 +438,7 @@ class CodedReducePlan:
             lines += [f"    group {g}: ranks {list(m)}, {share:.1%} of the batch"
                       for g, (m, share) in enumerate(zip(self.balanced.groups, self.balanced.shares))]
             return "\n".join(lines)
-        lines.append(f"  layout tree ({self.layout_reason})" + (
-            f"; coded_self={self.coded_self!r}: the own compute of "
-            + ("rank 0" if self.coded_self == "root" else "every parent")
-            + " is a slot of its code, so a slow one is tolerated like a slow child" if self.coded_self != "none" else
-            "; parents' own shares are uncoded: a slow root delays every step (coded_self='root' tolerates it)"
-            if self.stragglers else ""))
+        lines.append(f"  layout tree ({self.layout_reason}){self._own_share_note()}")
         if self.reduced_tolerance:
             lines.append(f"  reduced tolerance at parents {self.reduced_tolerance} (too few children)")
         mean = self.loads.mean()
@@ -461,6 +456,16 @@ class CodedReducePlan:
 
         walk(0, "  ")
         return "\n".join(lines)
+
+    def _own_share_note(self) -> str:
+        """What ``describe`` says of the parents' own compute (nothing at s=0: there is nothing to tolerate)."""
+        if self.coded_self != "none":
+            whose = "rank 0" if self.coded_self == "root" else "every parent"
+            return (f"; coded_self={self.coded_self!r}: the own compute of {whose} is a slot of its code, so a slow "
+                    "one is tolerated like a slow child")
+        if self.stragglers:
+            return "; parents' own shares are uncoded: a slow root delays every step (coded_self='root' tolerates it)"
+        return ""
 
     def __repr__(self) -> str:
         layout = "" if self.balanced is None else ", layout='balanced'"
