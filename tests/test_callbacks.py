@@ -271,7 +271,10 @@ def test_monitor_shows_the_plan_switches_of_auto(tmp_path):
     for r in range(4):
         assert sorted(int(x["step"]) for x in read_rows(d / f"rank{r}.csv")) == list(range(steps)), r
     decisions = json.loads((d / "plan_decisions.json").read_text())
-    assert decisions and all(0 < x["effective_step"] - x["step"] <= 4 for x in decisions)
+    assert decisions and all(x["effective_step"] > x["step"] for x in decisions)
+    # the first comes from gloo's ring (where auto starts): the first step past the loader's prefetch; later ones
+    # are announced past rank 0's result frontier, which a coded root's protocol thread may hold ahead of its step
+    assert decisions[0]["effective_step"] - decisions[0]["step"] <= 4
     text = (d / "summary.txt").read_text()
     assert f"from step {decisions[0]['effective_step']}: {decisions[0]['plan']}" in text
     check_png(d / "stragglers.png")
