@@ -33,6 +33,7 @@ import argparse
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Callable
 
 import numpy as np
 
@@ -42,7 +43,7 @@ from .plan.layout import chunk_bounds
 from .plan.tree import Node, parts_lp
 
 __all__ = ["MasterWorkerPlan", "NetworkModel", "SimResult", "StragglerSpec", "Stragglers", "simulate",
-           "paper_table", "sweep", "ring_time", "step_time", "Topology"]
+           "paper_table", "sweep", "replay", "ring_time", "step_time", "Topology"]
 
 
 # ---------------------------------------------------------------------------- GC as a plan
@@ -518,20 +519,32 @@ def simulate(scheme: str, world: int, *, msg_bytes: float, compute_s: float, bra
             ends.append(R)
         return SimResult(scheme, world, 0, 0, redundancy, np.array(ends), float(np.mean(list(comp.values()))),
                          {k: float(np.mean(v)) for k, v in bd.items() if v} | {"transfer": t_ar}, warmup)
-    finish_cache: dict[tuple[int, int], float] = {}
+    ends, bd = replay(topo, lambda r, t, start: strag.finish(r, t, start)[0], steps, msg_bytes, net,
+                      computes_root=comp[0] > 0)
+    return SimResult(scheme, world, getattr(plan, "branching", world - 1), plan.stragglers, redundancy, ends,
+                     float(np.mean([c for c in comp.values() if c > 0])), bd, warmup)
 
-    def finish(r: int, t: int) -> float:
-        key = (r, t)
-        if key not in finish_cache:
-            finish_cache[key] = strag.finish(r, t, float(g[r]))[0]
-        return finish_cache[key]
 
-    step_fn = _balanced_step if plan.balanced is not None else _tree_step
-    first_skipper = 0 if plan.balanced is not None else 1  # the tree's root always computes
+def replay(topo: Topology, finish: Callable[[int, int, float], float], steps: int, msg_bytes: float,
+           net: NetworkModel, *, computes_root: bool = True) -> tuple[np.ndarray, dict[str, float]]:
+    """``steps`` steps of a coded plan back to back, with the runtime's catch-up; returns rank 0's result time
+    per step (from 0) and the mean breakdown (``compute``, ``root_wait``, ``down``).
+
+    ``finish(r, t, start)``: when rank r's gradient of step t is ready if it starts computing at ``start``.
+    A rank begins step t+1 when it has both its gradient of t and t's result, so a straggler's lag carries
+    over into the next steps; a rank that would begin a step whose result is already out skips it (that is
+    what makes redundancy pay less under frequent delays than one step on its own suggests)."""
+    world = topo.world
+    step_fn = _balanced_step if topo.plan.balanced is not None else _tree_step
+    first_skipper = 0 if topo.plan.balanced is not None else 1  # the tree's root always computes
+    g = np.zeros(world)  # time each rank gets to the current step
+    ends = []
+    bd: dict[str, list[float]] = {"compute": [], "root_wait": [], "down": []}
     for t in range(steps):
+        ready = [finish(r, t, float(g[r])) for r in range(world)]
         skip: set[int] = set()
         for _ in range(6):
-            local = [math.inf if r in skip else finish(r, t) for r in range(world)]
+            local = [math.inf if r in skip else ready[r] for r in range(world)]
             result, (used, last) = step_fn(topo, local, msg_bytes, net)
             new = {r for r in range(first_skipper, world) if result[r] <= g[r]}
             if new == skip:
@@ -539,15 +552,12 @@ def simulate(scheme: str, world: int, *, msg_bytes: float, compute_s: float, bra
             skip = new
         e = np.array(local)
         nxt = np.array([g[r] if r in skip else max(e[r], result[r]) for r in range(world)])
-        bd["compute"].append(float(local[0] - g[0]) if comp[0] > 0 else float(np.median(e[1:] - g[1:])))
+        bd["compute"].append(float(local[0] - g[0]) if computes_root else float(np.median(e[1:] - g[1:])))
         bd["root_wait"].append(max(0.0, float(last - local[0])) if last < math.inf else 0.0)
         bd["down"].append(float(max(result) - result[0]) if max(result) < math.inf else 0.0)
         ends.append(result[0])
         g = nxt
-        finish_cache.clear()
-    return SimResult(scheme, world, getattr(plan, "branching", world - 1), plan.stragglers, redundancy,
-                     np.array(ends), float(np.mean([c for c in comp.values() if c > 0])),
-                     {k: float(np.mean(v)) for k, v in bd.items()}, warmup)
+    return np.array(ends), {k: float(np.mean(v)) for k, v in bd.items() if v}
 
 
 # ---------------------------------------------------------------------------- paper scale and sweeps

@@ -54,6 +54,25 @@ def test_no_stragglers_ring_and_master_worker():
     assert gc.mean_step == pytest.approx(0.05 + 2 * (FAST.latency_s + 12 * M * 8 / 1e9), rel=1e-6)
 
 
+def test_replay_carries_a_delay_into_the_next_steps():
+    """Balanced s=1 at W=4, groups {0, 2} and {1, 3}, 1 s of compute per step. Rank 0 takes 2 s at step 0 (not
+    waited for: rank 2 covers it), then rank 2 takes 1.5 s at step 1. Rank 0 is still computing step 0 when step
+    1 begins, so step 1 waits for rank 2: 1.5 s, where scoring step 1 on its own says 1 s. A rank whose next
+    results are out before it could begin them skips those steps."""
+    plan = CodedReducePlan(4, 3, 1, layout="balanced")
+    assert plan.balanced.groups == ((0, 2), (1, 3))
+    topo = sim.Topology(plan)
+    compute = np.ones((4, 4))
+    compute[0, 0], compute[1, 2] = 2.0, 1.5
+    ends, _ = sim.replay(topo, lambda r, t, start: start + compute[t, r], 4, M, FAST)
+    comm = sim.step_time(topo, [0.0] * 4, M, FAST)  # one step's communication after the last gradient used
+    assert np.diff(ends, prepend=0.0) == pytest.approx([1 + comm, 1.5 + comm, 1 + comm, 1 + comm], abs=1e-9)
+    assert sim.step_time(topo, list(compute[1]), M, FAST) == pytest.approx(1 + comm)  # step 1 alone: rank 0 on time
+    compute[0, 0], compute[1, 2] = 3.5, 1.0  # rank 0's gradient of step 0 comes after steps 1 and 2 are reduced without it
+    ends, _ = sim.replay(topo, lambda r, t, start: start + compute[t, r], 4, M, FAST)
+    assert ends[2] == pytest.approx(3 + 3 * comm) and ends[3] == pytest.approx(4 + 4 * comm)  # rank 0 not waited for
+
+
 def test_heavy_stall_rar_pays_it_codedreduce_does_not():
     heavy = sim.StragglerSpec.default("heavy")
     kw = dict(msg_bytes=M, compute_s=0.05, net=FAST, steps=30)
