@@ -28,6 +28,15 @@ def _mean(xs) -> float | None:
     return float(np.mean(xs)) if xs else None
 
 
+def settled_step(done: np.ndarray, decisions: list[dict], warmup: int) -> float | None:
+    """Mean step from the last applied switch on (``done[t]``: when step t was done), what a run long enough
+    to make the learning steps negligible would see; None without a switch, or one too late to measure."""
+    applied = [d["effective_step"] for d in decisions if d.get("applied", True)]
+    if not applied or not warmup <= applied[-1] < len(done) - 2:
+        return None
+    return float((done[-1] - done[applied[-1] - 1]) / (len(done) - applied[-1]))
+
+
 def cell_metrics(ranks: list[dict], cfg: dict) -> dict:
     scheme = Scheme(**cfg["scheme"])
     r0 = ranks[0]
@@ -77,6 +86,7 @@ def cell_metrics(ranks: list[dict], cfg: dict) -> dict:
         if scheme.adaptive:  # the plan changed: the mean R over the measured steps, and what was decided
             m["R"] = _mean(rec["R"] for rec in r0["records"][w:] if "R" in rec)
             m["decisions"] = r0.get("decisions", [])
+            m["settled_step_s"] = settled_step(done, m["decisions"], w)
         stats = {rk["rank"]: {e["step"]: e for e in rk["engine"]} for rk in ranks}
         hops, decode, root_wait, down = [], [], [], []
         for step in range(w, S):
@@ -479,22 +489,47 @@ def size_table(results: dict) -> str:
 
 def regime_table(results: dict) -> str:
     """Straggler regimes x schemes per W and workload: step ms and DDP's step / the scheme's (x faster than DDP),
-    with each scheme's R in the header; the batch mode says whether every scheme had the same global batch."""
+    with each scheme's R in the header; the batch mode says whether every scheme had the same global batch.
+    ``auto``: also its step from its last switch on (settled), and a last column with its step over the best
+    fixed scheme's (whole run / settled)."""
     cells, batch = results["cells"], results["meta"].get("batch", "per-rank")
     out = []
     for W, wl in sorted({(m["W"], m["workload"]) for m in cells}):
         rows = [m for m in cells if m["W"] == W and m["workload"] == wl]
         schemes = list(dict.fromkeys(m["scheme"] for m in rows))
         R = {m["scheme"]: m["R"] if m["R"] is not None else 1.0 for m in rows}
-        out += [f"W={W}, {wl}, {batch} batch: step ms (DDP's step / the scheme's)", "",
-                "| regime | " + " | ".join(f"{s} R{R[s]:.2f}" for s in schemes) + " |",
-                "|---|" + "---|" * len(schemes)]
+        configs = {m["scheme"]: m["scheme_cfg"] for m in rows}
+        adaptive = [s for s in schemes if configs[s].get("adaptive")]
+        extra = [f"{a} ÷ best fixed" for a in adaptive]
+        out += [f"W={W}, {wl}, {batch} batch: step ms (DDP's step / the scheme's)"
+                + ("; auto [from its last switch on]" if adaptive else ""), "",
+                "| regime | " + " | ".join([f"{s} (R per plan)" if s in adaptive else f"{s} R{R[s]:.2f}" for s in schemes]
+                                         + extra) + " |",
+                "|---|" + "---|" * (len(schemes) + len(extra))]
         for model in dict.fromkeys(m["stragglers"] for m in rows):
             by = {m["scheme"]: m for m in rows if m["stragglers"] == model}
             ddp = by.get("ddp")
-            out.append(f"| {model} | " + " | ".join(
-                "–" if s not in by else f"{by[s]['step_s'] * 1e3:.0f}"
-                + (f" ({ddp['step_s'] / by[s]['step_s']:.2f}x)" if ddp and s != "ddp" else "") for s in schemes) + " |")
+
+            def cell(s: str) -> str:
+                if s not in by:
+                    return "–"
+                m = by[s]
+                text = f"{m['step_s'] * 1e3:.0f}" + (f" ({ddp['step_s'] / m['step_s']:.2f}x)" if ddp and s != "ddp" else "")
+                if m.get("settled_step_s"):
+                    text += f" [{m['settled_step_s'] * 1e3:.0f}" + (
+                        f", {ddp['step_s'] / m['settled_step_s']:.2f}x]" if ddp else "]")
+                return text
+
+            fixed = [m["step_s"] for s, m in by.items() if s not in adaptive]
+
+            def versus_best(a: str) -> str:
+                if a not in by or not fixed:
+                    return "–"
+                m = by[a]
+                return f"{m['step_s'] / min(fixed):.2f}x" + (
+                    f" [{m['settled_step_s'] / min(fixed):.2f}x]" if m.get("settled_step_s") else "")
+
+            out.append(f"| {model} | " + " | ".join([cell(s) for s in schemes] + [versus_best(a) for a in adaptive]) + " |")
         out.append("")
     return "\n".join(out)
 

@@ -73,6 +73,23 @@ def test_replay_carries_a_delay_into_the_next_steps():
     assert ends[2] == pytest.approx(3 + 3 * comm) and ends[3] == pytest.approx(4 + 4 * comm)  # rank 0 not waited for
 
 
+def test_regime_table_shows_auto_settled_and_against_the_best_fixed_scheme():
+    from benchmarks.report import regime_table, settled_step
+
+    done = np.cumsum([0.3] * 10 + [0.1] * 20)  # 10 slow steps, a switch effective at step 10, then 0.1 s
+    assert settled_step(done, [{"effective_step": 10, "applied": True}], warmup=2) == pytest.approx(0.1)
+    assert settled_step(done, [{"effective_step": 10}, {"effective_step": 29, "applied": False}], 2) == pytest.approx(0.1)
+    assert settled_step(done, [], 2) is None and settled_step(done, [{"effective_step": 29}], 2) is None
+
+    def cell(scheme, step, R=1.0, settled=None, adaptive=False):
+        return {"W": 13, "workload": "mlp", "stragglers": "heavy", "scheme": scheme, "R": R, "step_s": step,
+                "settled_step_s": settled, "scheme_cfg": {"adaptive": adaptive}}
+    table = regime_table({"meta": {"batch": "global"}, "cells": [
+        cell("ddp", 0.6), cell("crb_s1", 0.2, 2.17), cell("auto", 0.3, 1.8, 0.22, adaptive=True)]})
+    assert "| regime | ddp R1.00 | crb_s1 R2.17 | auto (R per plan) | auto ÷ best fixed |" in table
+    assert "| heavy | 600 | 200 (3.00x) | 300 (2.00x) [220, 2.73x] | 1.50x [1.10x] |" in table
+
+
 def test_heavy_stall_rar_pays_it_codedreduce_does_not():
     heavy = sim.StragglerSpec.default("heavy")
     kw = dict(msg_bytes=M, compute_s=0.05, net=FAST, steps=30)
