@@ -19,12 +19,15 @@ computes.
    user fixed one); in the tree, s >= 1 also with the root's own compute coded (``coded_self="root"``).
    Speeds are the per-rank medians of the window's seconds per sample (persistent slowness), rounded
    to 0.05 and 1 within 10 % of the fastest.
-4. Each candidate is scored by replaying the window through the simulator, its steps back to back
-   (``sim.replay``, on ``network``): rank ``r``'s gradient of step t is ready its measured seconds per
-   sample times its samples in the candidate after it began t (a missing measurement: the rank's
-   median). A rank begins a step when it has the previous result and its own previous gradient, so a
-   delay not waited for still makes its rank late for the next steps, as in the runtime; scoring steps
-   one at a time missed that and overrated coding under frequent delays (shifted-exponential noise).
+4. Each candidate is scored by replaying the window through the simulator, one step at a time: rank
+   ``r``'s gradient is ready after its measured seconds per sample times its samples in the candidate
+   (a missing measurement: the rank's median), and the step ends when every rank has the result
+   (``sim.step_time``, on ``network``). Steps are scored on their own, not back to back
+   (``sim.replay``): notes do not say whether a delay was per sample (noisy compute, which a larger
+   share lengthens) or on the wall clock (a stall episode, which a faster plan meets in more steps),
+   and replaying them back to back at the candidate's pace compresses stall episodes into overlapping
+   ones. Measured at W=13 (benchmarks/README.md), back-to-back scoring fixed shifted-exponential noise
+   but lost heavy stalls, which matter more.
 5. Hysteresis: the best candidate replaces the current plan only when it is predicted at least
    ``margin`` faster in ``patience`` decisions in a row, so noise does not make the plan flap. Rounds
    agree when their best candidates differ only by speed noise (``Candidate.agrees``: every rank's
@@ -174,12 +177,9 @@ class PlanAdvisor:
         topo = sim.Topology(plan)
         samples = np.array([sum(map(len, shards)) for shards in plan.allocation(self.global_batch)], dtype=float)
         medians = np.array([np.nanmedian(c) if np.isfinite(c).any() else 0.0 for c in per_sample.T])
-        compute = np.where(np.isfinite(per_sample), per_sample, medians) * samples  # seconds, steps x ranks
-        if not len(compute):
-            return 0.0
-        ends, _ = sim.replay(topo, lambda r, t, start: start + compute[t, r], len(compute), self.message_bytes,
-                             self.network)
-        return float(ends[-1] / len(ends))
+        filled = np.where(np.isfinite(per_sample), per_sample, medians)
+        steps = [sim.step_time(topo, list(row * samples), self.message_bytes, self.network) for row in filled]
+        return float(np.mean(steps)) if steps else 0.0
 
     def decide(self, step: int, current: Candidate, per_sample: Sequence[Sequence[float]]) -> Optional[Decision]:
         """A :class:`Decision` to switch after ``step``, or None to keep ``current``.
