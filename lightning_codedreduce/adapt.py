@@ -19,15 +19,17 @@ computes.
    user fixed one); in the tree, s >= 1 also with the root's own compute coded (``coded_self="root"``).
    Speeds are the per-rank medians of the window's seconds per sample (persistent slowness), rounded
    to 0.05 and 1 within 10 % of the fastest.
-4. Each candidate is scored by replaying the window through the simulator, one step at a time: rank
-   ``r``'s gradient is ready after its measured seconds per sample times its samples in the candidate
-   (a missing measurement: the rank's median), and the step ends when every rank has the result
-   (``sim.step_time``, on ``network``). Steps are scored on their own, not back to back
-   (``sim.replay``): notes do not say whether a delay was per sample (noisy compute, which a larger
-   share lengthens) or on the wall clock (a stall episode, which a faster plan meets in more steps),
-   and replaying them back to back at the candidate's pace compresses stall episodes into overlapping
-   ones. Measured at W=13 (benchmarks/README.md), back-to-back scoring fixed shifted-exponential noise
-   but lost heavy stalls, which matter more.
+4. Each candidate is scored by replaying the window through the simulator, one step at a time
+   (``sim.step_time``, on ``network``). Rank ``r``'s compute in step t of the candidate is its typical
+   seconds per sample (its median over the window) times its samples in the candidate, plus its
+   measured deviation from typical in *seconds* (a missing measurement: none). Typical speed scales with
+   the share; deviations do not: a stall (a noisy neighbour, a pause) lasts as long whatever the share.
+   Scaling them too made a stall measured under a coded plan (larger shares) look small to an uncoded
+   one, so ``auto`` left the coded plan in the middle of heavy stalls and came back (measured at W=13,
+   benchmarks/README.md). Steps are scored on their own, not back to back (``sim.replay``): replaying a
+   window back to back at a faster candidate's pace meets its stall episodes more often than the wall
+   clock would, and lost heavy stalls; scoring on their own overrates coding where every rank is noisy
+   in every step (shifted-exponential noise).
 5. Hysteresis: the best candidate replaces the current plan only when it is predicted at least
    ``margin`` faster in ``patience`` decisions in a row, so noise does not make the plan flap. Rounds
    agree when their best candidates differ only by speed noise (``Candidate.agrees``: every rank's
@@ -171,27 +173,39 @@ class PlanAdvisor:
                 out += [Candidate(s, None, layout, "root") for s in tolerances]
         return [c for c in out if self.plan(c) is not None]
 
-    def predict(self, candidate: Candidate, per_sample: np.ndarray) -> float:
-        """Mean predicted step time (s) of ``candidate`` over the window ``per_sample`` (steps x ranks)."""
+    def samples(self, candidate: Candidate) -> np.ndarray:
+        """Samples per rank and step under ``candidate``'s plan (the same global batch for every candidate)."""
         plan = self.plan(candidate)
-        topo = sim.Topology(plan)
-        samples = np.array([sum(map(len, shards)) for shards in plan.allocation(self.global_batch)], dtype=float)
+        return np.array([sum(map(len, shards)) for shards in plan.allocation(self.global_batch)], dtype=float)
+
+    def predict(self, candidate: Candidate, per_sample: np.ndarray, measured: Optional[np.ndarray] = None) -> float:
+        """Mean predicted step time (s) of ``candidate`` over the window ``per_sample`` (steps x ranks); ``measured``:
+        how many samples each measurement covered (steps x ranks, or one per rank; None: the candidate's own)."""
+        topo = sim.Topology(self.plan(candidate))
+        samples = self.samples(candidate)
         medians = np.array([np.nanmedian(c) if np.isfinite(c).any() else 0.0 for c in per_sample.T])
-        filled = np.where(np.isfinite(per_sample), per_sample, medians)
-        steps = [sim.step_time(topo, list(row * samples), self.message_bytes, self.network) for row in filled]
+        measured = samples if measured is None else np.where(np.isfinite(measured), measured, samples)
+        delays = np.where(np.isfinite(per_sample), per_sample - medians, 0.0) * measured  # seconds, steps x ranks
+        steps = [sim.step_time(topo, list(medians * samples + row), self.message_bytes, self.network) for row in delays]
         return float(np.mean(steps)) if steps else 0.0
 
-    def decide(self, step: int, current: Candidate, per_sample: Sequence[Sequence[float]]) -> Optional[Decision]:
+    def decide(self, step: int, current: Candidate, per_sample: Sequence[Sequence[float]],
+               samples: Optional[Sequence[Sequence[float]]] = None) -> Optional[Decision]:
         """A :class:`Decision` to switch after ``step``, or None to keep ``current``.
 
         ``per_sample``: the window's seconds per sample, one row per step, one column per rank (NaN where
-        a rank did not compute the step)."""
+        a rank did not compute the step); ``samples``: how many samples each of those measurements covered
+        (None: ``current``'s shares)."""
         window = np.asarray(per_sample, dtype=float).reshape(-1, self.world_size)
         if not np.isfinite(window).any():
             return None
-        scores = {c: self.predict(c, window) for c in self.candidates(window)}
+        if samples is not None:
+            measured = np.asarray(samples, dtype=float).reshape(-1, self.world_size)
+        else:
+            measured = self.samples(current) if self.plan(current) is not None else None
+        scores = {c: self.predict(c, window, measured) for c in self.candidates(window)}
         if current not in scores and self.plan(current) is not None:
-            scores[current] = self.predict(current, window)
+            scores[current] = self.predict(current, window, measured)
         best = min(scores, key=lambda c: (scores[c], c.stragglers))
         now = scores.get(current, float("inf"))
         if best == current or scores[best] > now * (1 - self.margin):
@@ -204,18 +218,20 @@ class PlanAdvisor:
         return Decision(step, best, self.plan(best), now, scores[best], {c.label: s for c, s in scores.items()})
 
 
-def notes_window(every_rank: dict[int, dict[int, float]], world_size: int) -> np.ndarray:
-    """Every rank's ``{step: seconds per sample}`` as a window (steps x ranks, NaN where a rank did not compute)."""
+def notes_window(every_rank: dict[int, dict[int, tuple[float, int]]], world_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every rank's ``{step: (seconds per sample, samples)}`` as two windows (steps x ranks, NaN where a rank did
+    not compute): ``PlanAdvisor.decide``'s ``per_sample`` and ``samples``."""
     steps = sorted({s for notes in every_rank.values() for s in notes})
     index = {s: i for i, s in enumerate(steps)}
-    window = np.full((len(steps), world_size), np.nan)
+    per_sample, samples = np.full((2, len(steps), world_size), np.nan)
     for rank, notes in every_rank.items():
-        for s, value in notes.items():
-            window[index[s], rank] = value
-    return window
+        for s, (value, count) in notes.items():
+            per_sample[index[s], rank], samples[index[s], rank] = value, count
+    return per_sample, samples
 
 
-def decision_round(gather: Callable[[Any], dict[int, Any]], rank: int, world_size: int, notes: dict[int, float],
+def decision_round(gather: Callable[[Any], dict[int, Any]], rank: int, world_size: int,
+                   notes: dict[int, tuple[float, int]],
                    advisor: PlanAdvisor, step: int, current: Candidate,
                    when: Callable[[Decision], dict[str, Any]]) -> Optional[dict[str, Any]]:
     """Steps 2 and 5 of the module docstring, on every rank: exchange the notes (``gather``: ``{rank: obj}`` of the
@@ -227,7 +243,7 @@ def decision_round(gather: Callable[[Any], dict[int, Any]], rank: int, world_siz
     every_rank = gather(notes)
     proposal = None
     if rank == 0 and len(every_rank) == world_size:
-        found = advisor.decide(step, current, notes_window(every_rank, world_size))
+        found = advisor.decide(step, current, *notes_window(every_rank, world_size))
         if found is not None:
             proposal = {"candidate": found.candidate, "step": step, "reason": found.reason, "gain": found.gain,
                         "predicted_ms": {k: round(v * 1e3, 2) for k, v in found.predicted_s.items()}, **when(found)}
@@ -247,16 +263,16 @@ class PlanSchedule:
         if every < 1:
             raise ValueError(f"every must be >= 1 step between decisions, got {every!r}")
         self.advisor, self.current, self.every = advisor, current, every
-        self._notes: dict[int, float] = {}  # step -> this rank's seconds per sample, since the last round
+        self._notes: dict[int, tuple[float, int]] = {}  # step -> (seconds per sample, samples), since the last round
         self._pending: Optional[tuple[int, Candidate]] = None  # (step it takes effect, candidate)
         self.decisions: list[dict[str, Any]] = []
-        self._received: dict[int, dict[int, float]] = {}  # rank 0: rank -> {step: seconds per sample} received
+        self._received: dict[int, dict[int, tuple[float, int]]] = {}  # rank 0: rank -> notes received
         self._seen = 0  # announcements of the current reducer already taken in (``poll``)
 
     def note(self, step: int, compute_s: Optional[float], samples: int) -> bool:
         """This rank's measurement of ``step`` (None: it did not compute it); whether a round is due after it."""
         if compute_s is not None and samples > 0:
-            self._notes[step] = compute_s / samples
+            self._notes[step] = (compute_s / samples, samples)
         return (step + 1) % self.every == 0 and self._pending is None
 
     def round(self, step: int, gather: Callable[[Any], dict[int, Any]], rank: int,
@@ -301,7 +317,7 @@ class PlanSchedule:
         self._received = recent
         if self._pending is not None:
             return
-        found = self.advisor.decide(step, self.current, notes_window(recent, self.advisor.world_size))
+        found = self.advisor.decide(step, self.current, *notes_window(recent, self.advisor.world_size))
         if found is not None:
             reducer.announce({"candidate": found.candidate, "step": step, "reason": found.reason, "gain": found.gain,
                               "predicted_ms": {k: round(v * 1e3, 2) for k, v in found.predicted_s.items()}},

@@ -97,6 +97,30 @@ def test_rounds_agree_up_to_speed_noise():
     assert advisor.decide(29, Candidate(0), first) is None and advisor.decide(39, Candidate(0), other) is None
 
 
+def test_a_stall_measured_under_a_coded_plan_keeps_its_seconds():
+    """W=13 under balanced s=1 (R 2.17), 240 ms of compute per 32 samples, and heavy stalls: some rank is
+    always stalled for 2.4 s (10x its compute), which shows in one note every 4 steps, the others not waited
+    for. Scored for s=0 (shares of 32), each stall still lasts 2.4 s: s=0 waits for it, so ``auto``
+    stays coded. Scaling the stall by the share (2.4 s x 32/69) made s=0 look almost calm, and ``auto``
+    went back to s=0 in the middle of the stalls (measured: it flapped four times in 60 steps)."""
+    world, per_sample = 13, 0.24 / 32
+    advisor = PlanAdvisor(world, layouts=("balanced",), message_bytes=1_060_000, global_batch=world * 32,
+                          patience=1)
+    coded = Candidate(1, None, "balanced")
+    shares = advisor.samples(coded)
+    rng = np.random.default_rng(0)
+    window = per_sample * (1 + 0.05 * rng.random((10, world)))
+    for t in (2, 6):  # stall episodes begin in these steps (the one of step 10 has not been noted yet)
+        r = int(rng.integers(world))
+        window[t, r] += 2.4 / shares[r]
+        window[t + 1:t + 4, r] = np.nan  # it skipped the steps reduced while it was stalled
+    assert advisor.decide(9, coded, window, np.tile(shares, (10, 1))) is None
+    uncoded = Candidate(0, None, "balanced")
+    assert advisor.predict(uncoded, window, shares) > 1.2 * advisor.predict(coded, window, shares)
+    # the same notes with their stalls scaled by the share: s=0 looked at least 10 % faster, so auto left
+    assert advisor.predict(uncoded, window) < 0.9 * advisor.predict(coded, window)
+
+
 def test_missing_measurements_and_speed_estimates():
     w = window("slow")
     w[5:9, 3] = np.nan  # rank 3 skipped those steps while catching up
