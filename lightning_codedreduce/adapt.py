@@ -19,17 +19,23 @@ computes.
    user fixed one); in the tree, s >= 1 also with the root's own compute coded (``coded_self="root"``).
    Speeds are the per-rank medians of the window's seconds per sample (persistent slowness), rounded
    to 0.05 and 1 within 10 % of the fastest.
-4. Each candidate is scored by replaying the window through the simulator, one step at a time
-   (``sim.step_time``, on ``network``). Rank ``r``'s compute in step t of the candidate is its typical
-   seconds per sample (its median over the window) times its samples in the candidate, plus its
-   measured deviation from typical in *seconds* (a missing measurement: none). Typical speed scales with
-   the share; deviations do not: a stall (a noisy neighbour, a pause) lasts as long whatever the share.
-   Scaling them too made a stall measured under a coded plan (larger shares) look small to an uncoded
-   one, so ``auto`` left the coded plan in the middle of heavy stalls and came back (measured at W=13,
-   benchmarks/README.md). Steps are scored on their own, not back to back (``sim.replay``): replaying a
-   window back to back at a faster candidate's pace meets its stall episodes more often than the wall
-   clock would, and lost heavy stalls; scoring on their own overrates coding where every rank is noisy
-   in every step (shifted-exponential noise).
+4. Each candidate is scored by replaying the window through the simulator. Rank ``r``'s compute in
+   step t of the candidate is its typical seconds per sample (its median over the window) times its
+   samples in the candidate, plus its measured deviation from typical, of one of two kinds:
+
+   * *noise* (shorter than ``STALL_FACTOR`` typical steps at an even share): noisy compute, in
+     proportion to the share. Replayed with the steps back to back (``sim.replay``), since a rank
+     delayed and not waited for is still late for the next step: scored one step at a time, coding
+     looked like it paid where every rank is noisy in every step (shifted-exponential noise; measured
+     at W=13, benchmarks/README.md), and it does not.
+   * *stalls* (longer): on the wall clock (a noisy neighbour, a pause), in seconds whatever the share,
+     and scored one step at a time: replayed back to back at a faster candidate's pace, a window's
+     stall episodes come more often than the wall clock would bring them. Scaling them by the share
+     made a stall measured under a coded plan look small to an uncoded one, and ``auto`` flapped under
+     heavy stalls (measured).
+
+   The prediction is the back-to-back replay with noise only, plus what the stalls add to the steps
+   one at a time (``sim.step_time``, on ``network``).
 5. Hysteresis: the best candidate replaces the current plan only when it is predicted at least
    ``margin`` faster in ``patience`` decisions in a row, so noise does not make the plan flap. Rounds
    agree when their best candidates differ only by speed noise (``Candidate.agrees``: every rank's
@@ -52,6 +58,7 @@ from .plan import CodedReducePlan
 SPEED_STEP = 0.05  # speeds are rounded to this (a plan is not rebuilt for noise)
 SPEED_NOISE = 0.9  # ranks within 10 % of the fastest count as full speed
 SPEED_AGREE = 0.15  # two rounds' speed estimates this close (per rank) propose the same plan
+STALL_FACTOR = 3.0  # a delay longer than this many typical steps (at an even share) is a stall, not noise
 
 
 @dataclass(frozen=True)
@@ -181,13 +188,25 @@ class PlanAdvisor:
     def predict(self, candidate: Candidate, per_sample: np.ndarray, measured: Optional[np.ndarray] = None) -> float:
         """Mean predicted step time (s) of ``candidate`` over the window ``per_sample`` (steps x ranks); ``measured``:
         how many samples each measurement covered (steps x ranks, or one per rank; None: the candidate's own)."""
+        if not len(per_sample):
+            return 0.0
         topo = sim.Topology(self.plan(candidate))
         samples = self.samples(candidate)
         medians = np.array([np.nanmedian(c) if np.isfinite(c).any() else 0.0 for c in per_sample.T])
         measured = samples if measured is None else np.where(np.isfinite(measured), measured, samples)
-        delays = np.where(np.isfinite(per_sample), per_sample - medians, 0.0) * measured  # seconds, steps x ranks
-        steps = [sim.step_time(topo, list(medians * samples + row), self.message_bytes, self.network) for row in delays]
-        return float(np.mean(steps)) if steps else 0.0
+        deviation = np.where(np.isfinite(per_sample), per_sample - medians, 0.0) * measured  # seconds, steps x ranks
+        long = deviation > STALL_FACTOR * medians * self.global_batch / self.world_size
+        stalls = np.where(long, deviation, 0.0)  # on the wall clock: as long whatever the share
+        noise = np.where(long, 0.0, deviation) * samples / measured  # noisy compute: in proportion to the share
+        typical = medians * samples
+
+        def one_at_a_time(delays: np.ndarray) -> float:
+            return float(np.mean([sim.step_time(topo, list(typical + row), self.message_bytes, self.network)
+                                  for row in delays]))
+
+        ends, _ = sim.replay(topo, lambda r, t, start: start + typical[r] + noise[t, r], len(noise),
+                             self.message_bytes, self.network)
+        return float(ends[-1] / len(ends)) + one_at_a_time(noise + stalls) - one_at_a_time(noise)
 
     def decide(self, step: int, current: Candidate, per_sample: Sequence[Sequence[float]],
                samples: Optional[Sequence[Sequence[float]]] = None) -> Optional[Decision]:
