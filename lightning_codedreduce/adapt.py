@@ -206,7 +206,8 @@ class PlanAdvisor:
 
         ends, _ = sim.replay(topo, lambda r, t, start: start + typical[r] + noise[t, r], len(noise),
                              self.message_bytes, self.network)
-        return float(ends[-1] / len(ends)) + one_at_a_time(noise + stalls) - one_at_a_time(noise)
+        predicted = float(ends[-1] / len(ends))
+        return predicted + one_at_a_time(noise + stalls) - one_at_a_time(noise) if long.any() else predicted
 
     def decide(self, step: int, current: Candidate, per_sample: Sequence[Sequence[float]],
                samples: Optional[Sequence[Sequence[float]]] = None) -> Optional[Decision]:

@@ -68,7 +68,7 @@ def test_replay_carries_a_delay_into_the_next_steps():
     comm = sim.step_time(topo, [0.0] * 4, M, FAST)  # one step's communication after the last gradient used
     assert np.diff(ends, prepend=0.0) == pytest.approx([1 + comm, 1.5 + comm, 1 + comm, 1 + comm], abs=1e-9)
     assert sim.step_time(topo, list(compute[1]), M, FAST) == pytest.approx(1 + comm)  # step 1 alone: rank 0 on time
-    compute[0, 0], compute[1, 2] = 3.5, 1.0  # rank 0's gradient of step 0 comes after steps 1 and 2 are reduced without it
+    compute[0, 0], compute[1, 2] = 3.5, 1.0  # rank 0's step 0 ends after steps 1 and 2 are reduced without it
     ends, _ = sim.replay(topo, lambda r, t, start: start + compute[t, r], 4, M, FAST)
     assert ends[2] == pytest.approx(3 + 3 * comm) and ends[3] == pytest.approx(4 + 4 * comm)  # rank 0 not waited for
 
