@@ -165,6 +165,10 @@ def scenario(pl, out: Path, name: str) -> dict:
         auto = dict(stragglers="auto", adapt_every=2, adapt_patience=1, layout="tree" if name == "auto_tree" else "auto")
         return {"ddp": fit(pl, out, name, "ddp", epochs=3),
                 "codedreduce": fit(pl, out, name, "codedreduce", epochs=3, delay=(1, 1.0, 0.15), options=auto)}
+    if name == "coded_root_s2":  # s=2 with a coded root: its own slot has weights 3, 1 and 2, and for some
+        # arrival sets the decoding coefficients sum to 0 (e.g. -0.5 and 0.5): flags of 1 per rank decoded to 0
+        return {"ddp": fit(pl, out, name, "ddp"), "codedreduce": fit(pl, out, name, "codedreduce", delay=(1, 1.0, 0.15),
+                                                                   options=dict(stragglers=2, layout="tree", coded_self="root"))}
     if name == "coded_root":  # the tree with rank 0's own compute coded: rank 0 stalls through epoch 1
         return {"ddp": fit(pl, out, name, "ddp", checkpoint_every_step=False),
                 "codedreduce": fit(pl, out, name, "codedreduce", stall=(0, 1, 6.0), checkpoint_every_step=False,
@@ -237,7 +241,7 @@ def _same_run(res: dict) -> float:
 
 WORLDS = (2, 3, 4, 5, 7, 8)
 GRID_NAMES = [grid_name(*g) for g in GRID]
-EXTRAS = {4: ["swa_batchnorm", "unused_weight_decay", "deterministic", "balanced", "auto", "auto_tree", "coded_root"],
+EXTRAS = {4: ["swa_batchnorm", "unused_weight_decay", "deterministic", "balanced", "auto", "auto_tree", "coded_root", "coded_root_s2"],
           3: ["deterministic", "stall_whole_epoch"], 7: ["deterministic", "balanced"]}
 _JOBS: dict[int, Path] = {}
 
@@ -338,6 +342,13 @@ def test_tree_with_a_coded_root_trains_ddps_run_while_rank_0_stalls(job):
     assert root["layout"] == "tree"
     assert root["skipped"] >= root["steps_per_epoch"], root["skipped"]
     _same_run(ranks[0])
+
+
+def test_coded_root_with_mixed_weights_trains_ddps_run(job):
+    """stragglers=2 with a coded root (W=4): rank 0's own slot carries weights 3, 1 and 2. Every step's gradient
+    is written back whatever the arrival set, so the run is DDP's (a flag of 1 per rank, decoded with the
+    gradients, summed to 0 for some sets and kept the previous step's gradient: 0.34 relative)."""
+    _same_run(_result(job(4), "coded_root_s2", 0))
 
 
 @pytest.mark.parametrize("name", ["auto", "auto_tree"])

@@ -275,7 +275,7 @@ class GradientAggregator:
             compute = self._clock.step_compute(t0, time.perf_counter(), automatic)
             buckets = 0
             if self._stream.active:  # its buckets are on their way already
-                flat = self._stream.finish(self._touched)
+                flat = self._stream.finish(self._touched, self._mass())
                 buckets = self._stream.early_buckets
             else:
                 local = self._local_gradient(fit, params)  # a private copy: the balanced layout assembles the sum in it
@@ -311,10 +311,12 @@ class GradientAggregator:
         Automatic optimization weighted the losses already (module docstring, step 2). Manual optimization
         back-propagated the mean loss over this rank's share: scale it by ``share / B_t``.
         """
-        scale = 1.0
-        if not fit.module.automatic_optimization:
-            scale = sum(p.weight * len(p) for p in self._loader.pieces()) / self._loader.step_size()
-        return flat_gradient(params, self._touched, scale, fit.device)
+        scale = 1.0 if fit.module.automatic_optimization else self._mass()
+        return flat_gradient(params, self._touched, scale, fit.device, self._mass())
+
+    def _mass(self) -> float:
+        """This rank's coded share of the step's samples, ``sum(weight * samples) / step size``."""
+        return sum(p.weight * len(p) for p in self._loader.pieces()) / self._loader.step_size()
 
 
 def split_batch(batch: Any, start: int, stop: int, size: int) -> Any:

@@ -103,8 +103,13 @@ def check_gradient_dtypes(module: torch.nn.Module, optimizers: list[Any]) -> Non
 
 
 def flat_gradient(params: list[torch.nn.Parameter], touched: TouchedParameters, scale: float,
-                  device: torch.device) -> torch.Tensor:
-    """The gradients times ``scale``, flat, then one flag per parameter (1: backward reached it)."""
+                  device: torch.device, mass: float = 1.0) -> torch.Tensor:
+    """The gradients times ``scale``, flat, then one flag per parameter: ``mass`` where backward reached it, else 0.
+
+    ``mass``: this rank's coded share of the step (``sum(weight * samples) / step size``). Flags are decoded
+    with the gradients, so the decoded flag is the share of the step whose ranks reached the parameter: 1
+    when every contributing rank did. A flag of 1 per rank would decode to ``sum`` of the decoding
+    coefficients, which is 0 for some arrival sets of a coded root (e.g. -0.5 and 0.5)."""
     reached = [touched.touched(p) and p.grad is not None for p in params]
     grads = [(p.grad if t else torch.zeros_like(p)).detach().reshape(-1) for p, t in zip(params, reached)]
     if not grads:  # nothing trainable (all frozen): still one (empty-valued) reduce per step, in step with the others
@@ -114,7 +119,7 @@ def flat_gradient(params: list[torch.nn.Parameter], touched: TouchedParameters, 
         flat = flat.float()  # half-precision messages would lose the sum's precision (and decode worse)
     if scale != 1.0:
         flat.mul_(scale)
-    flags = torch.tensor([1.0 if t else 0.0 for t in reached], dtype=flat.dtype, device=flat.device)
+    flags = torch.tensor([mass if t else 0.0 for t in reached], dtype=flat.dtype, device=flat.device)
     return torch.cat([flat, flags])
 
 
@@ -206,8 +211,9 @@ class GradientStream:
             self._reducer.filled(self._step, start, stop)
             self.early_buckets += 1
 
-    def finish(self, touched: "TouchedParameters") -> torch.Tensor:
-        """Write what backward did not reach in the streamed pass, and the flags; wait for the sum."""
+    def finish(self, touched: "TouchedParameters", mass: float = 1.0) -> torch.Tensor:
+        """Write what backward did not reach in the streamed pass, and the flags (``flat_gradient``'s); wait for
+        the sum."""
         flat, n = self._flat, len(self._params)
         for i, p in enumerate(self._params):
             lo, hi, _ = self._offsets[id(p)]
@@ -217,7 +223,7 @@ class GradientStream:
                     flat[lo:hi].copy_(p.grad.detach().reshape(-1))
                 else:
                     flat[lo:hi].zero_()
-            flat[flat.numel() - n + i] = 1.0 if reached else 0.0
+            flat[flat.numel() - n + i] = mass if reached else 0.0
         reducer, step = self._reducer, self._step
         self.cancel()
         return reducer.finish(step)
