@@ -9,16 +9,16 @@ computes.
 1. Every rank records, for every step it computed, its compute seconds and its number of samples
    (``per_sample[t, r]`` = seconds per sample; a step it skipped while catching up is missing).
 2. Every ``every`` steps each rank sends its records to rank 0 without waiting (``CodedReducer.post_note``);
-   rank 0 decides (``decide``) from the records that arrived over the last ``2 * every`` steps and
-   announces the decision with a result (``CodedReducer.announce``): it takes effect at a step every rank
-   learns before it begins it, so neither costs a wait for a straggler. Over gloo's ring (the balanced
-   layout at s=0, where every step waits for every rank anyway) a collective exchanges the records and
-   carries the decision instead (``decision_round``).
+   rank 0 keeps the last ``STALL_ROUNDS`` rounds' records, decides (``decide``) and announces the decision
+   with a result (``CodedReducer.announce``): it takes effect at a step every rank learns before it begins
+   it, so neither costs a wait for a straggler. Over gloo's ring (the balanced layout at s=0, where every
+   step waits for every rank anyway) a collective exchanges the records and carries the decision instead
+   (``PlanSchedule.round``).
 3. The candidates: ``stragglers`` 0 (with and without speed-proportional loads), 1 and 2 where the
    branching allows them, in each allowed layout (the tree and the balanced chunk owners, unless the
    user fixed one); in the tree, s >= 1 also with the root's own compute coded (``coded_self="root"``).
-   Speeds are the per-rank medians of the window's seconds per sample (persistent slowness), rounded
-   to 0.05 and 1 within 10 % of the fastest.
+   Speeds are the per-rank medians of the last ``2 * every`` steps' seconds per sample (persistent
+   slowness), rounded to 0.05 and 1 within 10 % of the fastest.
 4. Each candidate is scored by replaying the window through the simulator. Rank ``r``'s compute in
    step t of the candidate is its typical seconds per sample (its median over the window) times its
    samples in the candidate, plus its measured deviation from typical, of one of two kinds:
@@ -34,8 +34,11 @@ computes.
      made a stall measured under a coded plan look small to an uncoded one, and ``auto`` flapped under
      heavy stalls (measured).
 
-   The prediction is the back-to-back replay with noise only, plus what the stalls add to the steps
-   one at a time (``sim.step_time``, on ``network``).
+   The prediction is the back-to-back replay of the last ``2 * every`` steps with noise only, plus what
+   the stalls of all ``STALL_ROUNDS * every`` steps add to the steps one at a time (``sim.step_time``, on
+   ``network``). Stalls get the longer look because rare ones are rare: at 1 % per rank and step (the
+   PyTorch blog's protocol) a 10-step window at W=13 holds none about a quarter of the time and two or
+   more a third of the time, and ``auto`` switched to coding and back within 15 steps (measured).
 5. Hysteresis: the best candidate replaces the current plan only when it is predicted at least
    ``margin`` faster in ``patience`` decisions in a row, so noise does not make the plan flap. Rounds
    agree when their best candidates differ only by speed noise (``Candidate.agrees``: every rank's
@@ -48,7 +51,7 @@ prefetched it); plain PyTorch loops do the same with :class:`~lightning_codedred
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -59,6 +62,8 @@ SPEED_STEP = 0.05  # speeds are rounded to this (a plan is not rebuilt for noise
 SPEED_NOISE = 0.9  # ranks within 10 % of the fastest count as full speed
 SPEED_AGREE = 0.15  # two rounds' speed estimates this close (per rank) propose the same plan
 STALL_FACTOR = 3.0  # a delay longer than this many typical steps (at an even share) is a stall, not noise
+STALL_ROUNDS = 6  # stalls are counted over this many rounds' notes: rare ones (1 % per rank and step) need more
+# steps to estimate than speeds and noise do (2 rounds), while dense ones are seen at once
 
 
 @dataclass(frozen=True)
@@ -185,47 +190,50 @@ class PlanAdvisor:
         plan = self.plan(candidate)
         return np.array([sum(map(len, shards)) for shards in plan.allocation(self.global_batch)], dtype=float)
 
-    def predict(self, candidate: Candidate, per_sample: np.ndarray, measured: Optional[np.ndarray] = None) -> float:
+    def predict(self, candidate: Candidate, per_sample: np.ndarray, measured: Optional[np.ndarray] = None,
+                recent: Optional[int] = None) -> float:
         """Mean predicted step time (s) of ``candidate`` over the window ``per_sample`` (steps x ranks); ``measured``:
-        how many samples each measurement covered (steps x ranks, or one per rank; None: the candidate's own)."""
+        how many samples each measurement covered (steps x ranks, or one per rank; None: the candidate's own);
+        ``recent``: the last rows that give speeds and noise (None: all), stalls are counted over all rows."""
         if not len(per_sample):
             return 0.0
         topo = sim.Topology(self.plan(candidate))
         samples = self.samples(candidate)
-        medians = np.array([np.nanmedian(c) if np.isfinite(c).any() else 0.0 for c in per_sample.T])
+        latest = per_sample[-recent:] if recent else per_sample
+        medians = np.array([np.nanmedian(c) if np.isfinite(c).any() else 0.0 for c in latest.T])
         measured = samples if measured is None else np.where(np.isfinite(measured), measured, samples)
         deviation = np.where(np.isfinite(per_sample), per_sample - medians, 0.0) * measured  # seconds, steps x ranks
         long = deviation > STALL_FACTOR * medians * self.global_batch / self.world_size
         stalls = np.where(long, deviation, 0.0)  # on the wall clock: as long whatever the share
         noise = np.where(long, 0.0, deviation) * samples / measured  # noisy compute: in proportion to the share
         typical = medians * samples
-
-        def one_at_a_time(delays: np.ndarray) -> float:
-            return float(np.mean([sim.step_time(topo, list(typical + row), self.message_bytes, self.network)
-                                  for row in delays]))
-
-        ends, _ = sim.replay(topo, lambda r, t, start: start + typical[r] + noise[t, r], len(noise),
+        recent_noise = noise[-len(latest):]
+        ends, _ = sim.replay(topo, lambda r, t, start: start + typical[r] + recent_noise[t, r], len(recent_noise),
                              self.message_bytes, self.network)
-        predicted = float(ends[-1] / len(ends))
-        return predicted + one_at_a_time(noise + stalls) - one_at_a_time(noise) if long.any() else predicted
+        added = [sim.step_time(topo, list(typical + noise[t] + stalls[t]), self.message_bytes, self.network)
+                 - sim.step_time(topo, list(typical + noise[t]), self.message_bytes, self.network)
+                 for t in np.flatnonzero(long.any(axis=1))]  # what each step's stalls add, one step at a time
+        return float(ends[-1] / len(ends)) + float(np.sum(added)) / len(per_sample)
 
     def decide(self, step: int, current: Candidate, per_sample: Sequence[Sequence[float]],
-               samples: Optional[Sequence[Sequence[float]]] = None) -> Optional[Decision]:
+               samples: Optional[Sequence[Sequence[float]]] = None, recent: Optional[int] = None) -> Optional[Decision]:
         """A :class:`Decision` to switch after ``step``, or None to keep ``current``.
 
         ``per_sample``: the window's seconds per sample, one row per step, one column per rank (NaN where
         a rank did not compute the step); ``samples``: how many samples each of those measurements covered
-        (None: ``current``'s shares)."""
+        (None: ``current``'s shares); ``recent``: how many of the last rows give speeds and noise (None: all;
+        the stalls of every row count, see ``predict``)."""
         window = np.asarray(per_sample, dtype=float).reshape(-1, self.world_size)
-        if not np.isfinite(window).any():
+        latest = window[-recent:] if recent else window
+        if not np.isfinite(latest).any():
             return None
         if samples is not None:
             measured = np.asarray(samples, dtype=float).reshape(-1, self.world_size)
         else:
             measured = self.samples(current) if self.plan(current) is not None else None
-        scores = {c: self.predict(c, window, measured) for c in self.candidates(window)}
+        scores = {c: self.predict(c, window, measured, recent) for c in self.candidates(latest)}
         if current not in scores and self.plan(current) is not None:
-            scores[current] = self.predict(current, window, measured)
+            scores[current] = self.predict(current, window, measured, recent)
         best = min(scores, key=lambda c: (scores[c], c.stragglers))
         now = scores.get(current, float("inf"))
         if best == current or scores[best] > now * (1 - self.margin):
@@ -250,33 +258,14 @@ def notes_window(every_rank: dict[int, dict[int, tuple[float, int]]], world_size
     return per_sample, samples
 
 
-def decision_round(gather: Callable[[Any], dict[int, Any]], rank: int, world_size: int,
-                   notes: dict[int, tuple[float, int]],
-                   advisor: PlanAdvisor, step: int, current: Candidate,
-                   when: Callable[[Decision], dict[str, Any]]) -> Optional[dict[str, Any]]:
-    """Steps 2 and 5 of the module docstring, on every rank: exchange the notes (``gather``: ``{rank: obj}`` of the
-    live ranks, over the reduce tree), rank 0 decides, and its decision reaches every rank through a second gather.
-
-    Returns the same on every rank: None, or ``{"candidate", "step", "reason", "gain", "predicted_ms", **when(d)}``
-    where ``when`` (called on rank 0) says where the switch takes effect. A rank that died stops decisions (the
-    plans that would follow need every rank)."""
-    every_rank = gather(notes)
-    proposal = None
-    if rank == 0 and len(every_rank) == world_size:
-        found = advisor.decide(step, current, *notes_window(every_rank, world_size))
-        if found is not None:
-            proposal = {"candidate": found.candidate, "step": step, "reason": found.reason, "gain": found.gain,
-                        "predicted_ms": {k: round(v * 1e3, 2) for k, v in found.predicted_s.items()}, **when(found)}
-    return gather(proposal).get(0)
-
-
 class PlanSchedule:
     """What ``stragglers="auto"`` keeps between steps on one rank: the notes since the last round, the current
     candidate, the switch decided but not yet in effect, and every decision (JSON-friendly, for logs).
 
     Used the same way by the Lightning strategy and by :class:`~lightning_codedreduce.engine.AdaptiveReducer`:
     ``after`` after every step (``note``; when a round is due, ``exchange``: announced decisions, or over gloo's
-    ring ``round``: a collective; then ``poll`` for announced decisions), ``due`` before every step.
+    ring ``round``: a collective; then ``poll`` for announced decisions), ``due`` before every step. Rank 0 keeps
+    the notes of the last ``STALL_ROUNDS`` rounds, whichever way they arrived.
     """
 
     def __init__(self, advisor: PlanAdvisor, current: Candidate, every: int):
@@ -286,7 +275,8 @@ class PlanSchedule:
         self._notes: dict[int, tuple[float, int]] = {}  # step -> (seconds per sample, samples), since the last round
         self._pending: Optional[tuple[int, Candidate]] = None  # (step it takes effect, candidate)
         self.decisions: list[dict[str, Any]] = []
-        self._received: dict[int, dict[int, tuple[float, int]]] = {}  # rank 0: rank -> notes received
+        # rank 0: rank -> {step: note} over the last STALL_ROUNDS rounds (rare stalls need the longer look)
+        self._history: dict[int, dict[int, tuple[float, int]]] = {}
         self._seen = 0  # announcements of the current reducer already taken in (``poll``)
 
     def note(self, step: int, compute_s: Optional[float], samples: int) -> bool:
@@ -297,9 +287,18 @@ class PlanSchedule:
 
     def round(self, step: int, gather: Callable[[Any], dict[int, Any]], rank: int,
               when: Callable[[Decision], dict[str, Any]]) -> Optional[dict[str, Any]]:
-        """A decision round (``decision_round``); a decision is kept, pending, and returned (the same on every rank)."""
+        """Steps 2 and 5 of the module docstring over a collective, on every rank: the notes go to every rank
+        (``gather``: ``{rank: obj}`` of the live ranks), rank 0 decides, and its decision reaches every rank through
+        a second gather; it is kept, pending, and returned (the same on every rank: None, or the proposal with what
+        ``when``, called on rank 0, says of where it takes effect). A rank that died stops decisions (the plans
+        that would follow need every rank)."""
         notes, self._notes = self._notes, {}
-        decision = decision_round(gather, rank, self.advisor.world_size, notes, self.advisor, step, self.current, when)
+        every_rank = gather(notes)
+        proposal = None
+        if rank == 0 and len(every_rank) == self.advisor.world_size:
+            found = self._decide(step, every_rank.items())
+            proposal = None if found is None else {**self._proposal(found), **when(found)}
+        decision = gather(proposal).get(0)
         if decision is not None:
             self._adopt(decision)
         return decision
@@ -330,18 +329,26 @@ class PlanSchedule:
             if notes:
                 reducer.post_note(notes)
             return
-        for rank, values in [(0, notes), *reducer.take_notes()]:
-            self._received.setdefault(rank, {}).update(values)
-        recent = {r: {t: v for t, v in values.items() if t > step - 2 * self.every}
-                  for r, values in self._received.items()}
-        self._received = recent
-        if self._pending is not None:
-            return
-        found = self.advisor.decide(step, self.current, *notes_window(recent, self.advisor.world_size))
+        found = self._decide(step, [(0, notes), *reducer.take_notes()])
         if found is not None:
-            reducer.announce({"candidate": found.candidate, "step": step, "reason": found.reason, "gain": found.gain,
-                              "predicted_ms": {k: round(v * 1e3, 2) for k, v in found.predicted_s.items()}},
-                             lead)
+            reducer.announce(self._proposal(found), lead)
+
+    def _decide(self, step: int, arrived: Iterable[tuple[int, dict[int, tuple[float, int]]]]) -> Optional[Decision]:
+        """Rank 0: keep the notes that ``arrived`` (``(rank, notes)`` pairs) with the last ``STALL_ROUNDS`` rounds'
+        and ask the advisor, speeds and noise from the last ``2 * every`` steps (None while a switch is pending)."""
+        for rank, values in arrived:
+            self._history.setdefault(rank, {}).update(values)
+        horizon = step - STALL_ROUNDS * self.every
+        self._history = {r: {t: v for t, v in values.items() if t > horizon} for r, values in self._history.items()}
+        if self._pending is not None:
+            return None
+        return self.advisor.decide(step, self.current, *notes_window(self._history, self.advisor.world_size),
+                                   recent=2 * self.every)
+
+    @staticmethod
+    def _proposal(found: Decision) -> dict[str, Any]:
+        return {"candidate": found.candidate, "step": found.step, "reason": found.reason, "gain": found.gain,
+                "predicted_ms": {k: round(v * 1e3, 2) for k, v in found.predicted_s.items()}}
 
     def poll(self, announced: list[tuple[int, dict[str, Any]]],
              where: Callable[[int], dict[str, Any]] = lambda effective: {}) -> list[dict[str, Any]]:

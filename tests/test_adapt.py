@@ -151,6 +151,32 @@ def test_a_stall_measured_under_a_coded_plan_keeps_its_seconds():
     assert advisor.predict(uncoded, window) < 0.9 * advisor.predict(coded, window)
 
 
+def test_rare_stalls_are_counted_over_the_longer_look():
+    """The blog's protocol at W=13 (each rank, each step, 1 %: 18x its compute): four stalls in 30 steps, none in
+    the last 10. Under balanced s=1 the last 10 steps alone look calm and call s=0 back (measured: ``auto``
+    switched to s=1 and back within 15 steps); counted over the 30 steps, the stalls keep s=1, and from s=0 they
+    call for it. Speeds still come from the last 10 steps only: a rank slow before them is not slowed now."""
+    world, per_sample = 13, 0.06 / 32
+    advisor = PlanAdvisor(world, layouts=("balanced",), message_bytes=1_060_000, global_batch=world * 32,
+                          patience=1)
+    coded, uncoded = Candidate(1, None, "balanced"), Candidate(0, None, "balanced")
+    rng = np.random.default_rng(0)
+    for current in (coded, uncoded):
+        shares = advisor.samples(current)
+        window = per_sample * (1 + 0.05 * rng.random((30, world)))
+        for t, r in ((2, 0), (8, 5), (13, 9), (18, 12)):  # rank 0 stalls too
+            window[t, r] += 18 * 32 * per_sample / shares[r]
+        window[:15, 4] *= 2  # rank 4 was slow, and is not any more
+        measured = np.tile(shares, (30, 1))
+        short = advisor.decide(29, current, window[-10:], measured[-10:])
+        full = advisor.decide(29, current, window, measured, recent=10)
+        if current == coded:
+            assert short is not None and short.candidate.stragglers == 0 and full is None
+        else:
+            assert short is None and full is not None and full.candidate.stragglers >= 1
+            assert not any("speeds" in label for label in full.predicted_s)  # no speed-proportional candidate
+
+
 def test_missing_measurements_and_speed_estimates():
     w = window("slow")
     w[5:9, 3] = np.nan  # rank 3 skipped those steps while catching up
