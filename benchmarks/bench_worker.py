@@ -57,7 +57,8 @@ def adaptive_reducer(plan, global_batch: int, message_bytes: int, timeout: float
     advisor = PlanAdvisor(plan.world_size, branching=plan.branching, layouts=("tree", "balanced"),
                           chunk_bytes=plan.chunk_bytes, message_bytes=message_bytes, global_batch=global_batch)
     return AdaptiveReducer(plan, advisor, lambda p, start: CodedReducer(
-        p, timeout=timeout, start_step=start, tag=tag, group=dist.new_group(backend="gloo")), every=ADAPT_EVERY)
+        p, timeout=timeout, start_step=start, tag=tag, group=dist.new_group(backend="gloo"), owns_group=True),
+        every=ADAPT_EVERY)
 
 
 def shares(plan, rank: int, global_batch: int) -> tuple[np.ndarray, torch.Tensor]:
@@ -151,6 +152,7 @@ def run_cell(cell: dict, comm, data: dict, cfg: dict, index: int) -> dict:
     decisions: list[dict] = []  # the auto scheme's plan switches
     if reducer is not None:
         reducer.close()
+        reducer.wait_for_peers(cfg["engine_timeout"])  # (its process groups go once every neighbour closed too)
         decisions = reducer.decisions if scheme.adaptive else []
         reducer = reducer.reducer if scheme.adaptive else reducer  # (its stats: the last plan's steps)
         drained = reducer.drained

@@ -45,6 +45,8 @@ def main() -> None:
     p.add_argument("--adapt-margin", type=float, default=0.1, help="PlanAdvisor(margin=...); 0.99: never switch")
     p.add_argument("--adaptive", type=int, default=0,
                    help="stragglers='auto' (AdaptiveReducer): a decision round every this many steps")
+    p.add_argument("--reopen", type=int, default=0,
+                   help="after the last step, open this many more reducers in turn (one step each) and close them")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -68,7 +70,8 @@ def main() -> None:
         advisor = PlanAdvisor(world, branching=a.n, layouts=(a.layout,), chunk_bytes=a.chunk_bytes, message_bytes=a.dim * 4,
                               global_batch=batch, patience=1, margin=a.adapt_margin)
         reducer = AdaptiveReducer(plan, advisor, lambda p, start: CodedReducer(
-            p, timeout=a.timeout, start_step=start, group=dist.new_group(backend="gloo")), every=a.adaptive)
+            p, timeout=a.timeout, start_step=start, group=dist.new_group(backend="gloo"), owns_group=True),
+            every=a.adaptive)
     else:
         reducer = CodedReducer(plan, timeout=a.timeout)
     path = os.path.join(a.out, f"rank{rank}.json")
@@ -128,6 +131,9 @@ def main() -> None:
                 time.sleep(120)
             values, dead = reducer.all_gather_object({"rank": rank, "k": k})
             out["gathers"].append({"values": {str(r): v for r, v in sorted(values.items())}, "dead": sorted(dead)})
+        if a.reopen:
+            out["batch"] = batch
+            out["reopened"] = reopen(plan, a.reopen, a.timeout, sum(sh.weight * len(sh) for sh in shards))
     except CodedReduceError as err:
         out["error"] = str(err)
         out["error_at"] = time.time()
@@ -147,6 +153,22 @@ def main() -> None:
     reducer.close()
     sys.stdout.flush()
     os._exit(code)  # never hang in process-group teardown when a peer is gone
+
+
+def reopen(plan: CodedReducePlan, times: int, timeout: float, coded_count: float) -> list[dict]:
+    """Open, use and close ``times`` reducers in turn (alternately on a group of their own and on the world);
+    each one's sum (``coded_count``: this rank's coded count of samples, so the sum is the global batch) and
+    this process's thread count once it closed (gloo's threads included)."""
+    done = []
+    for k in range(times):
+        own = k % 2 == 0
+        extra = CodedReducer(plan, timeout=timeout, group=dist.new_group(backend="gloo") if own else None,
+                             owns_group=own)
+        total = float(extra.reduce(0, torch.full((4,), float(coded_count)))[0])
+        extra.close()
+        late = extra.wait_for_peers(timeout)
+        done.append({"sum": total, "late": late, "threads": len(os.listdir(f"/proc/{os.getpid()}/task"))})
+    return done
 
 
 def engine(reducer) -> CodedReducer:

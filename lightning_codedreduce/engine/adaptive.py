@@ -63,6 +63,9 @@ class AdaptiveReducer:
     def close(self) -> None:
         self.reducer.close()
 
+    def wait_for_peers(self, timeout: float) -> list[int]:
+        return self.reducer.wait_for_peers(timeout)
+
     # ------------------------------------------------------------------ adapting
     def begin(self, step: int) -> None:
         """Before ``step``: when a switch takes effect here, close the reducer and open one for the new plan."""

@@ -65,11 +65,14 @@ class CodedReducer:
         tag: point-to-point tag of this reducer's frames.
         transport: ``"gloo"`` (CPU; CUDA tensors are staged through host memory) or ``"nccl"`` (frames over
             NCCL, one pair of communicators per tree link). ``"nccl"`` needs CUDA and NCCL.
+        owns_group: destroy ``group`` when the reducer has closed and every neighbour closed too (a group opened
+            for this reducer alone, as ``stragglers="auto"`` opens one per plan; gloo runs threads for a group
+            until it is destroyed).
     """
 
     def __init__(self, plan: CodedReducePlan, *, timeout: float = 30.0, start_step: int = 0,
                  max_backlog_bytes: int = 512 << 20, group=None, tag: int = TAG, check_plan: bool = True,
-                 transport: str = "gloo"):
+                 transport: str = "gloo", owns_group: bool = False):
         check_transport(transport)  # before anything else: a clear error on machines without CUDA/NCCL
         if not dist.is_initialized():
             raise RuntimeError("initialise torch.distributed (e.g. gloo) before creating a CodedReducer")
@@ -82,6 +85,7 @@ class CodedReducer:
         self.plan = plan
         self.rank = dist.get_rank(group)
         self.group = group
+        self._owns_group = owns_group and group is not None
         self.timeout = timeout
         self._fp = fingerprint_int(plan.fingerprint())
         if check_plan:
@@ -332,6 +336,7 @@ class CodedReducer:
         deadline = time.monotonic() + self.timeout
         for link in self._links():
             link.close(max(0.1, deadline - time.monotonic()))
+        self._release_groups()
 
     def wait_for_peers(self, timeout: float) -> list[int]:
         """After ``close``: wait (at most ``timeout`` s in all) for every neighbour to close its side too.
@@ -340,7 +345,17 @@ class CodedReducer:
         up; returns the neighbours that did not close in time.
         """
         deadline = time.monotonic() + timeout
-        return [link.peer for link in self._links() if not link.wait_peer_closed(deadline - time.monotonic())]
+        late = [link.peer for link in self._links() if not link.wait_peer_closed(deadline - time.monotonic())]
+        self._release_groups()
+        return late
+
+    def _release_groups(self) -> None:
+        """The links' process groups once they closed in order, and the reducer's own group once all did."""
+        released = [link.release() for link in self._links()]
+        if self._owns_group and all(released):
+            self._owns_group = False
+            dist.destroy_process_group(self.group)
+            self.group = None  # gloo stops a group's threads when its last reference goes
 
     # ------------------------------------------------------------------ protocol thread
     def _run(self) -> None:

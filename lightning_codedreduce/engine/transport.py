@@ -104,6 +104,8 @@ class Link:
         # before the receiver stops reading -- memory for a peer's messages stays a few frames
         self._credit = None if max_unprocessed is None else threading.Semaphore(max_unprocessed)
         self.landing = landing  # where a frame's payload may land directly (gloo; None: a fresh buffer)
+        self._in_order = {"sent": False, "received": False}  # BYE both ways: nothing posted, the groups may go
+        self._released = False
         self._rx = threading.Thread(target=self._receive_loop, name=f"codedreduce-rx-{peer}", daemon=True)
         self._tx = threading.Thread(target=self._send_loop, name=f"codedreduce-tx-{peer}", daemon=True)
 
@@ -147,6 +149,7 @@ class Link:
                 self._abort()
                 return
             if header.kind == Kind.BYE:
+                self._in_order["sent"] = True
                 return
 
     def _receive_loop(self) -> None:
@@ -190,6 +193,7 @@ class Link:
             self.events.put(FrameArrived(self.peer, header, payload, None if self._credit is None else self._credit.release))
             payload = into = None  # views of a step's result: do not keep them while waiting for the next frame
             if header.kind == Kind.BYE:
+                self._in_order["received"] = True
                 return
 
     def _why(self, err: Exception, prefix: str = "") -> str:
@@ -256,6 +260,20 @@ class Link:
         self.closed.set()
         if self.device is not None and (self._rx.is_alive() or self._tx.is_alive()):
             self._abort()
+
+    def release(self) -> bool:
+        """Destroy this link's process groups once it closed in order (BYE sent and received, both threads done);
+        whether they are gone. Every link has groups of its own (``link_groups``) and gloo runs threads for each
+        until it is destroyed: without this, every reducer a process opened (one per ``auto`` switch) kept them.
+        A link that failed keeps its groups (a receive may still be posted; gloo aborts a process that leaves
+        one behind)."""
+        if not self._released and all(self._in_order.values()) and not (self._rx.is_alive() or self._tx.is_alive()):
+            for group in {id(self.group): self.group, id(self.recv_group): self.recv_group}.values():
+                if group is not None:  # never the default group
+                    dist.destroy_process_group(group)
+            self.group = self.recv_group = None  # gloo stops a group's threads when its last reference goes
+            self._released = True
+        return self._released
 
     def stop_flow_control(self) -> None:
         """The owner stops handling frames (closing): let the receiver read on, up to the peer's BYE."""

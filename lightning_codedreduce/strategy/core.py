@@ -262,10 +262,11 @@ def _define(ddp: type, namespace: str) -> type:
 
         def _new_reducer(self, plan: CodedReducePlan, start: int) -> CodedReducer:
             # a private gloo group: isolates the reducer's point-to-point traffic from Lightning's collectives
-            # (and from an earlier reducer), and works when the default backend is NCCL
+            # (and from an earlier reducer), and works when the default backend is NCCL; the reducer destroys it
+            # once closed (a switch of ``stragglers="auto"`` opens another)
             group = dist.new_group(backend="gloo")
             return CodedReducer(plan, timeout=self.reduce_timeout, start_step=start, group=group,
-                                transport=self.transport)
+                                transport=self.transport, owns_group=True)
 
         def _switch_plan(self, plan: CodedReducePlan, start: int) -> None:
             """``stragglers="auto"`` decided a new plan from ``start`` on: every rank closes its reducer after the
