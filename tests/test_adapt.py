@@ -81,6 +81,20 @@ def test_hysteresis_needs_patience_and_margin():
         assert advisor.decide(49, Candidate(0), window("calm", seed=_)) is None
 
 
+def test_a_decisive_gain_is_taken_at_once():
+    """A candidate predicted ``decisive`` times faster (heavy stalls: coding) is taken in the first round; a smaller
+    gain (one rank 2x slower at W=7: 1.25x) still waits for ``patience`` rounds, and so does any with decisive=inf."""
+    heavy, slow = window("heavy"), window("slow")
+    advisor = PlanAdvisor(W, message_bytes=1 << 20, global_batch=W * 32, patience=2)
+    decision = advisor.decide(9, Candidate(0), heavy)
+    assert decision is not None and decision.gain >= advisor.decisive and decision.candidate.stragglers >= 1
+    assert advisor.decide(9, Candidate(0), slow) is None and advisor.decide(19, Candidate(0), slow) is not None
+    patient = PlanAdvisor(W, message_bytes=1 << 20, global_batch=W * 32, patience=2, decisive=float("inf"))
+    assert patient.decide(9, Candidate(0), heavy) is None and patient.decide(19, Candidate(0), heavy) is not None
+    with pytest.raises(ValueError, match="decisive must be > 1"):
+        PlanAdvisor(W, decisive=1.0)
+
+
 def test_rounds_agree_up_to_speed_noise():
     """Two rounds whose speed estimates differ by noise (rank 3 at 0.5 then 0.45; rank 5 crossing the full-speed
     threshold) agree, so the switch comes after ``patience`` rounds; a different slow rank starts a new streak."""
