@@ -8,20 +8,21 @@ computes.
 
 1. Every rank records, for every step it computed, its compute seconds and its number of samples
    (``per_sample[t, r]`` = seconds per sample; a step it skipped while catching up is missing).
-2. Every ``every`` steps each rank sends its records to rank 0 without waiting (``CodedReducer.post_note``);
-   rank 0 keeps the last ``STALL_ROUNDS`` rounds' records, decides (``decide``) and announces the decision
-   with a result (``CodedReducer.announce``): it takes effect at a step every rank learns before it begins
-   it, so neither costs a wait for a straggler. Over gloo's ring (the balanced layout at s=0, where every
+2. Every ``every`` steps (and once at ``every // 2``, a first look) each rank sends its records to rank 0
+   without waiting (``CodedReducer.post_note``); rank 0 keeps the last ``STALL_ROUNDS`` rounds' records,
+   decides (``decide``) and announces the decision with a result (``CodedReducer.announce``): it takes
+   effect at a step every rank learns before it begins it, so neither costs a wait for a straggler. Over gloo's ring (the balanced layout at s=0, where every
    step waits for every rank anyway) a collective exchanges the records and carries the decision instead
    (``PlanSchedule.round``).
 3. The candidates: ``stragglers`` 0 (with and without speed-proportional loads), 1 and 2 where the
    branching allows them, in each allowed layout (the tree and the balanced chunk owners, unless the
    user fixed one); in the tree, s >= 1 also with the root's own compute coded (``coded_self="root"``).
    Speeds are the per-rank medians of the last ``2 * every`` steps' seconds per sample (persistent
-   slowness), rounded to 0.05 and 1 within 10 % of the fastest.
+   slowness), rounded to 0.05 and 1 within 10 % of the fastest; none from fewer than ``MIN_SPEED_STEPS``.
 4. Each candidate is scored by replaying the window through the simulator. Rank ``r``'s compute in
-   step t of the candidate is its typical seconds per sample (its median over the window) times its
-   samples in the candidate, plus its measured deviation from typical, of one of two kinds:
+   step t of the candidate is its typical seconds per sample (its median over the last ``2 * every``
+   steps) times its samples in the candidate, plus its measured deviation from typical, of one of two
+   kinds:
 
    * *noise* (shorter than ``STALL_FACTOR`` typical steps at an even share): noisy compute, in
      proportion to the share. Replayed with the steps back to back (``sim.replay``), since a rank
@@ -46,6 +47,16 @@ computes.
    faster or more (default ``DECISIVE`` = 1.5) is taken at once: no noise predicts that much, and every
    round waited is run at the slow plan's pace (under heavy stalls at W=13 the second round was 10 of a
    60-step run's steps at 2.4x the settled step; measured).
+6. Calibration: the simulator knows the compute it is given and a network model, not the machine's other
+   costs (CPU contention, the protocol's own work). Each round, the current plan's median wall-clock step
+   on rank 0 (a validation loop or a checkpoint between two steps is not the plan's) over its mean
+   prediction for the same steps becomes that kind of plan's correction
+   (``Candidate.kind``: the plan up to its speed estimates), applied to its later predictions. Left out:
+   the first two steps of a plan (the switch) and steps with a stall (what a stall costs depends on when
+   it falls). A kind that never ran gets the geometric mean of those that did, the machine's overhead
+   seen so far. Measured at W=13 on two cores: without calibration, balanced s=1 was predicted 165 ms
+   and took 290, so ``auto`` kept it through a calm phase; with the simulator's word for kinds not yet
+   run, each of them looked 1.6-1.9x faster than it was, and ``auto`` tried them one after another.
 
 The caller switches at a step every rank agrees on (the strategy: far enough ahead that no loader has
 prefetched it); plain PyTorch loops do the same with :class:`~lightning_codedreduce.engine.CodedReducer`
@@ -53,6 +64,7 @@ prefetched it); plain PyTorch loops do the same with :class:`~lightning_codedred
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -68,6 +80,9 @@ STALL_FACTOR = 3.0  # a delay longer than this many typical steps (at an even sh
 STALL_ROUNDS = 6  # stalls are counted over this many rounds' notes: rare ones (1 % per rank and step) need more
 # steps to estimate than speeds and noise do (2 rounds), while dense ones are seen at once
 DECISIVE = 1.5  # a candidate predicted this many times faster is taken without waiting for ``patience`` rounds
+MIN_SPEED_STEPS = 4  # speed-proportional loads need this many steps: in a 2-step window a stall that spans both
+# looks like slowness (measured: the first look under heavy stalls at W=13 gave a stalled rank a fifth of a share)
+CALIBRATE_STEPS = 5  # a plan's calm measured steps calibrate its kind's predictions once there are this many
 
 
 @dataclass(frozen=True)
@@ -92,6 +107,11 @@ class Candidate:
         return bool(np.abs(mine - theirs).max() <= SPEED_AGREE + 1e-9)
 
     @property
+    def kind(self) -> tuple:
+        """What a measured step calibrates (``PlanAdvisor.calibration``): the plan up to its speed estimates."""
+        return self.stragglers, self.layout, self.coded_self, self.speeds is not None
+
+    @property
     def label(self) -> str:
         own = "" if self.coded_self == "none" else f", coded {self.coded_self}"
         if self.speeds is None:
@@ -110,6 +130,7 @@ class Decision:
     current_s: float  # the current plan's predicted mean step
     best_s: float
     predicted_s: dict[str, float] = field(default_factory=dict)
+    calibration: dict[str, float] = field(default_factory=dict)  # measured / predicted step of each kind that ran
 
     @property
     def gain(self) -> float:
@@ -168,6 +189,9 @@ class PlanAdvisor:
         self.max_stragglers = max_stragglers
         self._plans: dict[Candidate, Optional[CodedReducePlan]] = {}
         self._streak: tuple[Optional[Candidate], int] = (None, 0)
+        # measured / predicted mean step of each kind of plan that ran (``Candidate.kind``): what the simulator does
+        # not know of this machine (CPU contention, protocol overheads), learnt where each plan actually ran
+        self.calibration: dict[tuple, float] = {}
 
     def plan(self, candidate: Candidate) -> Optional[CodedReducePlan]:
         """The candidate's plan, or None when it cannot be built (e.g. too few ranks for the tolerance)."""
@@ -183,7 +207,7 @@ class PlanAdvisor:
         return self._plans[candidate]
 
     def candidates(self, per_sample: np.ndarray) -> list[Candidate]:
-        speeds = estimate_speeds(per_sample)
+        speeds = estimate_speeds(per_sample) if len(per_sample) >= MIN_SPEED_STEPS else None
         out = []
         for layout in self.layouts:
             out += [Candidate(0, None, layout)] + ([Candidate(0, speeds, layout)] if speeds else [])
@@ -208,10 +232,8 @@ class PlanAdvisor:
         topo = sim.Topology(self.plan(candidate))
         samples = self.samples(candidate)
         latest = per_sample[-recent:] if recent else per_sample
-        medians = np.array([np.nanmedian(c) if np.isfinite(c).any() else 0.0 for c in latest.T])
         measured = samples if measured is None else np.where(np.isfinite(measured), measured, samples)
-        deviation = np.where(np.isfinite(per_sample), per_sample - medians, 0.0) * measured  # seconds, steps x ranks
-        long = deviation > STALL_FACTOR * medians * self.global_batch / self.world_size
+        medians, deviation, long = self._deviations(per_sample, measured, recent)
         stalls = np.where(long, deviation, 0.0)  # on the wall clock: as long whatever the share
         noise = np.where(long, 0.0, deviation) * samples / measured  # noisy compute: in proportion to the share
         typical = medians * samples
@@ -223,14 +245,25 @@ class PlanAdvisor:
                  for t in np.flatnonzero(long.any(axis=1))]  # what each step's stalls add, one step at a time
         return float(ends[-1] / len(ends)) + float(np.sum(added)) / len(per_sample)
 
+    def _deviations(self, per_sample: np.ndarray, measured: np.ndarray,
+                    recent: Optional[int] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every rank's typical seconds per sample (median of the last ``recent`` rows), every measurement's
+        deviation from it in seconds (steps x ranks), and which deviations are stalls (step 4)."""
+        latest = per_sample[-recent:] if recent else per_sample
+        medians = np.array([np.nanmedian(c) if np.isfinite(c).any() else 0.0 for c in latest.T])
+        deviation = np.where(np.isfinite(per_sample), per_sample - medians, 0.0) * measured  # seconds, steps x ranks
+        return medians, deviation, deviation > STALL_FACTOR * medians * self.global_batch / self.world_size
+
     def decide(self, step: int, current: Candidate, per_sample: Sequence[Sequence[float]],
-               samples: Optional[Sequence[Sequence[float]]] = None, recent: Optional[int] = None) -> Optional[Decision]:
+               samples: Optional[Sequence[Sequence[float]]] = None, recent: Optional[int] = None,
+               step_seconds: Optional[Sequence[float]] = None) -> Optional[Decision]:
         """A :class:`Decision` to switch after ``step``, or None to keep ``current``.
 
         ``per_sample``: the window's seconds per sample, one row per step, one column per rank (NaN where
         a rank did not compute the step); ``samples``: how many samples each of those measurements covered
         (None: ``current``'s shares); ``recent``: how many of the last rows give speeds and noise (None: all;
-        the stalls of every row count, see ``predict``)."""
+        the stalls of every row count, see ``predict``); ``step_seconds``: each row's wall-clock step under
+        ``current`` (NaN where it is not known or another plan ran), which calibrates ``current``'s kind."""
         window = np.asarray(per_sample, dtype=float).reshape(-1, self.world_size)
         latest = window[-recent:] if recent else window
         if not np.isfinite(latest).any():
@@ -239,9 +272,13 @@ class PlanAdvisor:
             measured = np.asarray(samples, dtype=float).reshape(-1, self.world_size)
         else:
             measured = self.samples(current) if self.plan(current) is not None else None
+        if step_seconds is not None and self.plan(current) is not None:
+            self._calibrate(current, window, measured, np.asarray(step_seconds, dtype=float))
         scores = {c: self.predict(c, window, measured, recent) for c in self.candidates(latest)}
         if current not in scores and self.plan(current) is not None:
             scores[current] = self.predict(current, window, measured, recent)
+        typical = float(np.exp(np.mean(np.log(list(self.calibration.values()))))) if self.calibration else 1.0
+        scores = {c: v * self.calibration.get(c.kind, typical) for c, v in scores.items()}
         best = min(scores, key=lambda c: (scores[c], c.stragglers))
         now = scores.get(current, float("inf"))
         if best == current or scores[best] > now * (1 - self.margin):
@@ -251,7 +288,26 @@ class PlanAdvisor:
         if self._streak[1] < self.patience and now < scores[best] * self.decisive:
             return None
         self._streak = (None, 0)
-        return Decision(step, best, self.plan(best), now, scores[best], {c.label: s for c, s in scores.items()})
+        ran = {Candidate(k[0], None, k[1], k[2]).label + (", speeds" if k[3] else ""): round(v, 3)
+               for k, v in self.calibration.items()}
+        return Decision(step, best, self.plan(best), now, scores[best], {c.label: s for c, s in scores.items()}, ran)
+
+
+    def _calibrate(self, current: Candidate, window: np.ndarray, measured: Optional[np.ndarray],
+                   step_seconds: np.ndarray) -> None:
+        """``current``'s median measured step over its calm rows of the window (no stall: a stall's cost depends on
+        when it falls, and a few of them would decide the ratio), against its prediction for the same rows (step
+        6 of the module docstring); at least ``CALIBRATE_STEPS`` of them."""
+        rows = np.flatnonzero(np.isfinite(step_seconds))
+        counts = np.broadcast_to(self.samples(current) if measured is None else measured, window.shape)[rows]
+        counts = np.where(np.isfinite(counts), counts, self.samples(current))
+        _, _, long = self._deviations(window[rows], counts)
+        calm = ~long.any(axis=1)
+        if calm.sum() < CALIBRATE_STEPS:
+            return
+        predicted = self.predict(current, window[rows][calm], counts[calm])
+        if predicted > 0:
+            self.calibration[current.kind] = float(np.median(step_seconds[rows][calm])) / predicted
 
 
 def notes_window(every_rank: dict[int, dict[int, tuple[float, int]]], world_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -276,22 +332,35 @@ class PlanSchedule:
     the notes of the last ``STALL_ROUNDS`` rounds, whichever way they arrived.
     """
 
-    def __init__(self, advisor: PlanAdvisor, current: Candidate, every: int):
+    def __init__(self, advisor: PlanAdvisor, current: Candidate, every: int,
+                 clock: Callable[[], float] = time.monotonic):
         if every < 1:
             raise ValueError(f"every must be >= 1 step between decisions, got {every!r}")
         self.advisor, self.current, self.every = advisor, current, every
+        self._clock = clock
+        self._ends: dict[int, float] = {}  # step -> when this rank was done with it (rank 0: the measured steps)
+        self._since: Optional[int] = None  # the step the current plan took effect at (its first step: a switch)
         self._notes: dict[int, tuple[float, int]] = {}  # step -> (seconds per sample, samples), since the last round
         self._pending: Optional[tuple[int, Candidate]] = None  # (step it takes effect, candidate)
         self.decisions: list[dict[str, Any]] = []
         # rank 0: rank -> {step: note} over the last STALL_ROUNDS rounds (rare stalls need the longer look)
         self._history: dict[int, dict[int, tuple[float, int]]] = {}
         self._seen = 0  # announcements of the current reducer already taken in (``poll``)
+        self._first: Optional[int] = None  # the first step noted: the early round comes halfway to ``every``
 
     def note(self, step: int, compute_s: Optional[float], samples: int) -> bool:
-        """This rank's measurement of ``step`` (None: it did not compute it); whether a round is due after it."""
+        """This rank's measurement of ``step`` (None: it did not compute it); whether a round is due after it: every
+        ``every`` steps, and once halfway through the first ``every`` steps of the run (``every`` >= 4), so that a
+        decisive gain (step 5 of the module docstring) costs half as many steps at the old plan's pace."""
+        if self._first is None:
+            self._first = step  # the same on every rank: the run's (or the resumed run's) first step
+            self._since = step if self._since is None else self._since
+        self._ends[step] = self._clock()
+        self._ends.pop(step - STALL_ROUNDS * self.every - 1, None)
         if compute_s is not None and samples > 0:
             self._notes[step] = (compute_s / samples, samples)
-        return (step + 1) % self.every == 0 and self._pending is None
+        early = self.every >= 4 and step + 1 - self._first == self.every // 2
+        return ((step + 1) % self.every == 0 or early) and self._pending is None
 
     def round(self, step: int, gather: Callable[[Any], dict[int, Any]], rank: int,
               when: Callable[[Decision], dict[str, Any]]) -> Optional[dict[str, Any]]:
@@ -350,13 +419,18 @@ class PlanSchedule:
         self._history = {r: {t: v for t, v in values.items() if t > horizon} for r, values in self._history.items()}
         if self._pending is not None:
             return None
+        steps = sorted({t for values in self._history.values() for t in values})  # notes_window's rows
+        since = self._since if self._since is not None else step
+        step_seconds = [self._ends[t] - self._ends[t - 1] if t > since + 1 and t - 1 in self._ends and t in self._ends
+                        else float("nan") for t in steps]  # the current plan's steps but its first two (the switch)
         return self.advisor.decide(step, self.current, *notes_window(self._history, self.advisor.world_size),
-                                   recent=2 * self.every)
+                                   recent=2 * self.every, step_seconds=step_seconds)
 
     @staticmethod
     def _proposal(found: Decision) -> dict[str, Any]:
         return {"candidate": found.candidate, "step": found.step, "reason": found.reason, "gain": found.gain,
-                "predicted_ms": {k: round(v * 1e3, 2) for k, v in found.predicted_s.items()}}
+                "predicted_ms": {k: round(v * 1e3, 2) for k, v in found.predicted_s.items()},
+                "calibration": found.calibration}
 
     def poll(self, announced: list[tuple[int, dict[str, Any]]],
              where: Callable[[int], dict[str, Any]] = lambda effective: {}) -> list[dict[str, Any]]:
@@ -388,6 +462,6 @@ class PlanSchedule:
         if self._pending is None or self._pending[0] != step:
             return None
         _, self.current = self._pending
-        self._pending = None
+        self._pending, self._since = None, step
         self.decisions[-1]["applied"] = True
         return self.advisor.plan(self.current)

@@ -3,6 +3,7 @@
 The multi-process run (a switch mid-epoch that keeps DDP's run) is in ``test_ddp_equivalence.py``."""
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 
 import numpy as np
@@ -93,6 +94,54 @@ def test_a_decisive_gain_is_taken_at_once():
     assert patient.decide(9, Candidate(0), heavy) is None and patient.decide(19, Candidate(0), heavy) is not None
     with pytest.raises(ValueError, match="decisive must be > 1"):
         PlanAdvisor(W, decisive=1.0)
+
+
+def test_measured_steps_calibrate_their_kind_of_plan():
+    """The uncoded plan ran as the simulator predicts; s=1 then ran 3x slower (CPU contention it does not model):
+    each kind's predictions are scaled by what its own steps measured, so s=0, predicted less than the 2x the
+    margin asks for, becomes worth it; a kind that never ran gets the geometric mean of those that did. Steps of
+    another plan (NaN) and too few steps calibrate nothing; steps with a stall do not count, nor does one calm
+    step that took 100x (the median)."""
+    calm, uncoded, current = window("calm"), Candidate(0, None, "balanced"), Candidate(1, None, "balanced")
+    advisor = PlanAdvisor(W, layouts=("balanced",), message_bytes=1 << 20, global_batch=W * 32, patience=1, margin=0.5)
+    ran = np.full(30, np.nan)
+    ran[:15] = advisor.predict(uncoded, calm[:15])  # the first 15 steps ran s=0 as predicted
+    assert advisor.decide(14, uncoded, calm[:15], step_seconds=ran[:15]) is None
+    assert advisor.calibration == {uncoded.kind: pytest.approx(1.0, rel=0.05)}
+    predicted = advisor.predict(current, calm[15:])
+    assert advisor.decide(29, current, calm) is None  # s=1 as predicted: s=0 is not 2x faster
+    few = np.full(30, np.nan)
+    few[-2:] = 3 * predicted
+    assert advisor.decide(29, current, calm, step_seconds=few) is None and current.kind not in advisor.calibration
+    measured = np.full(30, np.nan)
+    measured[15:] = 3 * predicted  # the last 15 steps ran s=1, 3x slower than predicted
+    decision = advisor.decide(29, current, calm, step_seconds=measured)
+    assert advisor.calibration[current.kind] == pytest.approx(3.0, rel=0.05)
+    assert decision is not None and decision.candidate == uncoded and decision.gain >= 2
+    assert decision.current_s == pytest.approx(3 * advisor.predict(current, calm), rel=0.05)
+    assert decision.calibration["balanced s=1"] == pytest.approx(3.0, rel=0.05)  # (logged with the decision)
+    never = advisor.predict(Candidate(2, None, "balanced"), calm, advisor.samples(current))
+    assert decision.predicted_s["balanced s=2"] == pytest.approx(never * 3 ** 0.5, rel=0.05)
+    stalled, seconds = calm.copy(), measured.copy()
+    stalled[[20, 25], 4] *= 40  # two stalls: their steps took 50x, which depends on when they fall
+    seconds[[20, 25]] = 50 * predicted
+    seconds[17] = 100 * predicted  # and a calm step with a validation loop before it: not the plan's either
+    advisor.decide(29, current, stalled, step_seconds=seconds)
+    assert advisor.calibration[current.kind] == pytest.approx(3.0, rel=0.05)  # the calm steps' median
+
+
+def test_no_speed_proportional_loads_from_a_window_too_short_to_tell_a_stall_from_slowness():
+    """Two steps in which one rank stalled both times look like a rank 10x slower: no speeds candidate from fewer
+    than MIN_SPEED_STEPS steps (heavy stalls still make coding worth it); from four, persistent slowness is seen."""
+    from lightning_codedreduce.adapt import MIN_SPEED_STEPS
+
+    stalled = window("calm", steps=MIN_SPEED_STEPS)
+    stalled[:, 3] *= 10
+    advisor = PlanAdvisor(W, message_bytes=1 << 20, global_batch=W * 32, patience=1)
+    assert all(c.speeds is None for c in advisor.candidates(stalled[:2]))
+    assert any(c.speeds is not None and c.speeds[3] < 0.2 for c in advisor.candidates(stalled))
+    decision = advisor.decide(1, Candidate(0), stalled[:2])
+    assert decision is not None and decision.candidate.stragglers >= 1
 
 
 def test_rounds_agree_up_to_speed_noise():
@@ -237,7 +286,8 @@ def test_schedule_exchange_decides_from_posted_notes_and_every_rank_adopts_the_a
     from lightning_codedreduce.adapt import PlanSchedule
 
     advisor = PlanAdvisor(W, message_bytes=1 << 20, global_batch=W * 32, patience=1)
-    schedules = [PlanSchedule(advisor, Candidate(0), every=10) for _ in range(W)]
+    schedules = [PlanSchedule(advisor, Candidate(0), every=10, clock=itertools.count(0, 0.2).__next__)
+                 for _ in range(W)]  # (steps of 0.2 s, the slow rank's pace)
     channel = Channel(frontier=11)
     slow = window("slow", steps=10)
     for r in reversed(range(W)):  # rank 0 last: the others' notes are in its inbox when it decides
@@ -252,6 +302,24 @@ def test_schedule_exchange_decides_from_posted_notes_and_every_rank_adopts_the_a
     assert all(s.due(13) is None and s.due(14) is not None for s in schedules)
     assert all(s.current == decisions[0][0]["candidate"] for s in schedules)
     assert schedules[0].poll(channel.port(0).announced()) == []  # each announcement is taken in once
+    # rank 0's own steps (0.2 s each, the first two left out) calibrated the uncoded tree's predictions
+    assert advisor.calibration[Candidate(0).kind] == pytest.approx(0.2 / advisor.predict(Candidate(0), slow[2:]), rel=0.1)
+
+
+def test_rounds_come_every_every_steps_after_a_first_look_halfway():
+    """Rounds after every ``every`` steps, and once halfway through the run's first ``every`` steps (counted from
+    the run's first step, e.g. a resumed one's); a pending switch holds them; ``every`` < 4 has no early look."""
+    from lightning_codedreduce.adapt import PlanSchedule
+
+    advisor = PlanAdvisor(W, message_bytes=1 << 20, global_batch=W * 32)
+    for start in (0, 103):
+        schedule = PlanSchedule(advisor, Candidate(0), every=10)
+        due = [t for t in range(start, start + 30) if schedule.note(t, 0.06, 32)]
+        first = [t for t in due if (t + 1) % 10]
+        assert first == [start + 4] and [t for t in due if t not in first] == [t for t in range(start, start + 30)
+                                                                              if (t + 1) % 10 == 0]
+    short = PlanSchedule(advisor, Candidate(0), every=3)
+    assert [t for t in range(9) if short.note(t, 0.06, 32)] == [2, 5, 8]
 
 
 def test_sampler_switches_plan_mid_epoch_without_losing_a_sample():

@@ -427,7 +427,7 @@ _CLASS_DOC = """Data-parallel training with CodedReduce instead of DDP's all-red
             gradient after backward. The tree always takes it whole.
         adapt_every: ``stragglers="auto"``: optimizer steps between decisions (each waits once for every rank).
         adapt_patience: ``stragglers="auto"``: a plan replaces the current one only when it is predicted at least
-            10 % faster in this many decisions in a row.
+            10 % faster in this many decisions in a row (one predicted 1.5x faster or more: in the first).
         speeds: relative compute speed of every rank, for hardware that is persistently slower (e.g.
             ``[1, 1, 0.5, 1]``: rank 2 takes twice as long per sample). Every rank's share of the global batch
             is sized so that all ranks finish together; the global batch, and so the training run, is
