@@ -11,9 +11,9 @@ computes.
 2. Every ``every`` steps (and once at ``every // 2``, a first look) each rank sends its records to rank 0
    without waiting (``CodedReducer.post_note``); rank 0 keeps the last ``STALL_ROUNDS`` rounds' records,
    decides (``decide``) and announces the decision with a result (``CodedReducer.announce``): it takes
-   effect at a step every rank learns before it begins it, so neither costs a wait for a straggler. Over gloo's ring (the balanced layout at s=0, where every
-   step waits for every rank anyway) a collective exchanges the records and carries the decision instead
-   (``PlanSchedule.round``).
+   effect at a step every rank learns before it begins it, so neither costs a wait for a straggler. Over
+   gloo's ring (the balanced layout at s=0, where every step waits for every rank anyway) a collective
+   exchanges the records and carries the decision instead (``PlanSchedule.round``).
 3. The candidates: ``stragglers`` 0 (with and without speed-proportional loads), 1 and 2 where the
    branching allows them, in each allowed layout (the tree and the balanced chunk owners, unless the
    user fixed one); in the tree, s >= 1 also with the root's own compute coded (``coded_self="root"``).
@@ -107,9 +107,10 @@ class Candidate:
         return bool(np.abs(mine - theirs).max() <= SPEED_AGREE + 1e-9)
 
     @property
-    def kind(self) -> tuple:
+    def kind(self) -> str:
         """What a measured step calibrates (``PlanAdvisor.calibration``): the plan up to its speed estimates."""
-        return self.stragglers, self.layout, self.coded_self, self.speeds is not None
+        plain = Candidate(self.stragglers, None, self.layout, self.coded_self).label
+        return plain if self.speeds is None else f"{plain}, speeds"
 
     @property
     def label(self) -> str:
@@ -179,8 +180,8 @@ class PlanAdvisor:
         if patience < 1:
             raise ValueError(f"patience must be >= 1, got {patience!r}")
         if not decisive > 1:
-            raise ValueError(f"decisive must be > 1 (how many times faster a plan must be predicted to be taken at once; "
-                             f"inf: never), got {decisive!r}")
+            raise ValueError(f"decisive must be > 1 (how many times faster a plan must be predicted to be taken "
+                             f"at once; inf: never), got {decisive!r}")
         self.world_size, self.branching, self.layouts = world_size, branching, tuple(layouts)
         self.chunk_bytes, self.seed, self.code = chunk_bytes, seed, code
         self.message_bytes, self.global_batch = message_bytes, global_batch
@@ -191,7 +192,7 @@ class PlanAdvisor:
         self._streak: tuple[Optional[Candidate], int] = (None, 0)
         # measured / predicted mean step of each kind of plan that ran (``Candidate.kind``): what the simulator does
         # not know of this machine (CPU contention, protocol overheads), learnt where each plan actually ran
-        self.calibration: dict[tuple, float] = {}
+        self.calibration: dict[str, float] = {}
 
     def plan(self, candidate: Candidate) -> Optional[CodedReducePlan]:
         """The candidate's plan, or None when it cannot be built (e.g. too few ranks for the tolerance)."""
@@ -288,10 +289,8 @@ class PlanAdvisor:
         if self._streak[1] < self.patience and now < scores[best] * self.decisive:
             return None
         self._streak = (None, 0)
-        ran = {Candidate(k[0], None, k[1], k[2]).label + (", speeds" if k[3] else ""): round(v, 3)
-               for k, v in self.calibration.items()}
-        return Decision(step, best, self.plan(best), now, scores[best], {c.label: s for c, s in scores.items()}, ran)
-
+        return Decision(step, best, self.plan(best), now, scores[best], {c.label: s for c, s in scores.items()},
+                        {kind: round(v, 3) for kind, v in self.calibration.items()})
 
     def _calibrate(self, current: Candidate, window: np.ndarray, measured: Optional[np.ndarray],
                    step_seconds: np.ndarray) -> None:
@@ -300,7 +299,6 @@ class PlanAdvisor:
         6 of the module docstring); at least ``CALIBRATE_STEPS`` of them."""
         rows = np.flatnonzero(np.isfinite(step_seconds))
         counts = np.broadcast_to(self.samples(current) if measured is None else measured, window.shape)[rows]
-        counts = np.where(np.isfinite(counts), counts, self.samples(current))
         _, _, long = self._deviations(window[rows], counts)
         calm = ~long.any(axis=1)
         if calm.sum() < CALIBRATE_STEPS:
@@ -353,8 +351,7 @@ class PlanSchedule:
         ``every`` steps, and once halfway through the first ``every`` steps of the run (``every`` >= 4), so that a
         decisive gain (step 5 of the module docstring) costs half as many steps at the old plan's pace."""
         if self._first is None:
-            self._first = step  # the same on every rank: the run's (or the resumed run's) first step
-            self._since = step if self._since is None else self._since
+            self._first = self._since = step  # the same on every rank: the run's (or the resumed run's) first step
         self._ends[step] = self._clock()
         self._ends.pop(step - STALL_ROUNDS * self.every - 1, None)
         if compute_s is not None and samples > 0:
@@ -420,7 +417,7 @@ class PlanSchedule:
         if self._pending is not None:
             return None
         steps = sorted({t for values in self._history.values() for t in values})  # notes_window's rows
-        since = self._since if self._since is not None else step
+        since = self._since if self._since is not None else step  # (set by the first note)
         step_seconds = [self._ends[t] - self._ends[t - 1] if t > since + 1 and t - 1 in self._ends and t in self._ends
                         else float("nan") for t in steps]  # the current plan's steps but its first two (the switch)
         return self.advisor.decide(step, self.current, *notes_window(self._history, self.advisor.world_size),
