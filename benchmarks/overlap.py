@@ -8,7 +8,9 @@ warm-up:
 1. ``communication``: no emulated compute, the whole gradient after backward (``bucket_cap_mb=0``);
 2. with ``compute`` set to that communication time (or ``--compute``): no overlap (``bucket_cap_mb=0``),
    and the default buckets (``bucket_cap_mb=25``, first bucket 1 MiB), and 1 MiB buckets;
-3. ``strategy="ddp"`` at the same compute, for reference.
+3. the same with ``stragglers=0`` (gloo's ring all-reduce, bucket by bucket as DDP's; where
+   ``stragglers="auto"`` starts), without and with the default buckets;
+4. ``strategy="ddp"`` at the same compute, for reference.
 
 It prints each step time over ``max(compute, communication)`` (1.0 is perfect overlap; the target is
 <= 1.3) and writes ``runs/bench/overlap.json``.
@@ -77,7 +79,8 @@ def worker(a: argparse.Namespace) -> None:
     n = a.world * a.batch * a.steps
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(n, a.width, generator=g), torch.randn(n, a.width, generator=g))
-    strategy = "ddp" if a.setting == "ddp" else CodedReduceStrategy(layout="balanced", bucket_cap_mb=a.bucket)
+    strategy = "ddp" if a.setting == "ddp" else CodedReduceStrategy(layout="balanced", bucket_cap_mb=a.bucket,
+                                                                    stragglers=a.stragglers)
     trainer = pl.Trainer(accelerator="cpu", devices=a.world, strategy=strategy, max_steps=a.steps, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[clock])
@@ -89,14 +92,15 @@ def worker(a: argparse.Namespace) -> None:
             "early_buckets": statistics.median([r["early_buckets"] for r in records]) if records else None}))
 
 
-def measure(a: argparse.Namespace, out: Path, setting: str, compute: float, bucket: float) -> dict:
+def measure(a: argparse.Namespace, out: Path, setting: str, compute: float, bucket: float, stragglers: int = 1) -> dict:
     from lightning_codedreduce._procs import run
 
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     res = run([([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.world}",
                  __file__, "--setting", setting, "--out", str(out), "--world", str(a.world), "--batch", str(a.batch),
                  "--width", str(a.width), "--layers", str(a.layers), "--steps", str(a.steps),
-                 "--warmup", str(a.warmup), "--compute", str(compute), "--bucket", str(bucket)], env)],
+                 "--warmup", str(a.warmup), "--compute", str(compute), "--bucket", str(bucket),
+                 "--stragglers", str(stragglers)], env)],
               out, timeout=900, label=f"overlap {setting}", log_names=[f"{setting}.log"])
     if res.failed:
         sys.exit(f"overlap {setting}: torchrun exited {res.returncodes[0]}:\n{res.tails()}")
@@ -114,23 +118,27 @@ def main() -> None:
     p.add_argument("--compute", type=float, default=None, help="backward compute per step (default: communication)")
     p.add_argument("--setting", default=None, help=argparse.SUPPRESS)  # set in the ranks
     p.add_argument("--bucket", type=float, default=25.0, help=argparse.SUPPRESS)
+    p.add_argument("--stragglers", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.setting:
         return worker(a)
     out = Path(tempfile.mkdtemp(prefix="codedreduce-overlap-"))
     comm = measure(a, out, "communication", 0.0, 0.0)["step_s"]
+    ring = measure(a, out, "s0_communication", 0.0, 0.0, stragglers=0)["step_s"]  # gloo's all-reduce, as DDP's
     compute = comm if a.compute is None else a.compute
-    rows = {"communication": comm}
+    rows = {"communication": comm, "s0_communication": ring}
     print(f"W={a.world}, {a.layers} x Linear({a.width}, {a.width}) "
           f"({a.layers * (a.width + 1) * a.width * 4 / 1e6:.1f} MB of gradients), loopback; "
-          f"communication alone {comm:.3f} s/step, backward compute {compute:.3f} s/step", flush=True)
-    bound = max(compute, comm)
-    for setting, bucket in (("no_overlap", 0.0), ("buckets_25", 25.0), ("buckets_1", 1.0), ("ddp", 25.0)):
-        r = measure(a, out, setting, compute, bucket)
+          f"communication alone {comm:.3f} s/step (s=1), {ring:.3f} (s=0, gloo's ring); "
+          f"backward compute {compute:.3f} s/step", flush=True)
+    for setting, bucket, stragglers in (("no_overlap", 0.0, 1), ("buckets_25", 25.0, 1), ("buckets_1", 1.0, 1),
+                                        ("s0_no_overlap", 0.0, 0), ("s0_buckets_25", 25.0, 0), ("ddp", 25.0, 1)):
+        r = measure(a, out, setting, compute, bucket, stragglers)
         rows[setting] = r["step_s"]
+        bound = max(compute, ring if stragglers == 0 or setting == "ddp" else comm)  # DDP runs gloo's ring too
         early = "" if r["early_buckets"] is None else f", {r['early_buckets']:.0f} bucket(s) handed in during backward"
-        print(f"  {setting:12s} {r['step_s']:.3f} s/step = {r['step_s'] / bound:.2f} x max(compute, communication)"
+        print(f"  {setting:14s} {r['step_s']:.3f} s/step = {r['step_s'] / bound:.2f} x max(compute, communication)"
               f"{early}", flush=True)
     path = ROOT / "runs" / "bench" / "overlap.json"
     path.parent.mkdir(parents=True, exist_ok=True)

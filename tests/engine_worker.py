@@ -40,6 +40,8 @@ def main() -> None:
     p.add_argument("--jitter-seed", type=int, default=1000)
     p.add_argument("--in-place", action="store_true", help="reduce(..., in_place=True)")
     p.add_argument("--chunk-bytes", type=int, default=1 << 20)
+    p.add_argument("--segments", type=int, default=0,
+                   help="with --parts: begin() with this many equal segments, last first (the same on every rank)")
     p.add_argument("--parts", type=int, default=0,
                    help="hand the gradient in as it is written: begin(), this many ranges in random order, finish()")
     p.add_argument("--adapt-margin", type=float, default=0.1, help="PlanAdvisor(margin=...); 0.99: never switch")
@@ -105,7 +107,7 @@ def main() -> None:
                     xs, ys = X32[rows], Y32[rows]
                     local += sh.weight * ((xs @ theta - ys)[:, None] * xs).sum(0)
                 if a.parts:
-                    result, paused = handed_in_by_parts(reducer, step, local, a.parts, delay_rng, pause)
+                    result, paused = handed_in_by_parts(reducer, step, local, a.parts, delay_rng, pause, a.segments)
                     out["sleep"] = paused or out.get("sleep")
                 else:
                     compute = time.monotonic() - t0
@@ -177,12 +179,16 @@ def engine(reducer) -> CodedReducer:
 
 
 def handed_in_by_parts(reducer: CodedReducer, step: int, local: torch.Tensor, parts: int,
-                       rng: np.random.Generator, pause: float = 0.0) -> tuple[torch.Tensor, list[float] | None]:
+                       rng: np.random.Generator, pause: float = 0.0,
+                       segments: int = 0) -> tuple[torch.Tensor, list[float] | None]:
     """As gradient hooks do in backward: ranges of the buffer written in random order, each announced;
-    ``pause`` seconds half-way (a slow backward: the others' results arrive for chunks still being written).
+    ``pause`` seconds half-way (a slow backward: the others' results arrive for chunks still being written);
+    ``segments``: the order to reduce in, given to ``begin`` (equal ranges, the last first, as backward
+    reaches the last parameters first; the same on every rank, unlike the ranges written).
     Returns the sum and when the pause began and ended."""
     flat = torch.full_like(local, float("nan"))  # anything not written would poison the sum
-    reducer.begin(step, flat)
+    bounds = np.linspace(0, local.numel(), segments + 1).astype(int).tolist()
+    reducer.begin(step, flat, segments=list(zip(bounds, bounds[1:]))[::-1] if segments else None)
     cuts = np.sort(rng.choice(np.arange(1, local.numel()), size=min(parts, local.numel()) - 1, replace=False))
     ranges = list(zip([0, *cuts.tolist()], [*cuts.tolist(), local.numel()]))
     paused = None

@@ -289,13 +289,16 @@ def test_balanced_dead_rank_stops_every_rank_naming_it(tmp_path):
         assert d["error"] is not None and "rank 4" in d["error"], f"rank {r}: {d['error']}"
 
 
-@pytest.mark.parametrize("world,s,sleeper", [(4, 1, 0), (7, 2, 3), (5, 0, -1)])
-def test_balanced_gradient_handed_in_while_it_is_written(tmp_path, world, s, sleeper):
+@pytest.mark.parametrize("world,s,sleeper,segments", [(4, 1, 0, 0), (7, 2, 3, 0), (5, 0, -1, 0), (5, 0, -1, 4),
+                                                      (4, 1, 0, 4)])
+def test_balanced_gradient_handed_in_while_it_is_written(tmp_path, world, s, sleeper, segments):
     # begin / filled / finish, as the strategy's gradient hooks do in backward: ranges announced in random
-    # order, chunks sent as they close; a sleeping rank gets results for chunks it is still writing
+    # order, chunks sent as they close; a sleeping rank gets results for chunks it is still writing. With
+    # segments, s=0 (gloo's ring) all-reduces each as soon as it and those before it are written: every rank
+    # writes different ranges in a different order, and the collectives must still match
     sleep = ["--sleep-once", f"{sleeper}:4:1.5"] if sleeper >= 0 else []
     run = launch("engine_worker.py", world, [*BALANCED, "--s", str(s), "--steps", "12", "--jitter", "0.03",
-                                             "--parts", "7", *sleep], tmp_path)
+                                             "--parts", "7", "--segments", str(segments), *sleep], tmp_path)
     run.check()
     res = _results(run, range(world))
     _assert_exact_and_identical(res)

@@ -22,13 +22,14 @@ class RecordingReducer:
         self.ranges: list[tuple[int, int]] = []
         self.snapshots: list[torch.Tensor] = []
 
-    def begin(self, step, flat):
+    def begin(self, step, flat, segments=None):
         flat.fill_(float("nan"))  # anything announced before it is written shows up
-        self.flat, self.ranges, self.snapshots = flat, [], []
+        self.flat, self.ranges, self.snapshots, self.segments = flat, [], [], segments
 
     def filled(self, step, lo, hi):
         assert 0 <= lo < hi <= self.flat.numel()
         assert not torch.isnan(self.flat[lo:hi]).any(), f"[{lo}, {hi}) announced before it was written"
+        assert (lo, hi) in self.segments, f"[{lo}, {hi}) is not one of the segments given to begin: {self.segments}"
         self.ranges.append((lo, hi))
         self.snapshots.append(self.flat[lo:hi].clone())
 
@@ -90,7 +91,7 @@ def test_first_bucket_is_small_as_ddps():
     for p in reversed(params):  # backward order
         p.grad = torch.ones_like(p)
         stream.on_gradient(p)
-    # the last parameter alone (1 MiB), then the other three together (up to 25 MiB)
-    assert reducer.ranges == [(3 << 18, 4 << 18), (0, 3 << 18)]
+    # the last parameter alone (1 MiB), then the other three together (up to 25 MiB); the ring reduces in that order
+    assert reducer.ranges == [(3 << 18, 4 << 18), (0, 3 << 18)] == reducer.segments
     stream.finish(TouchedParameters())
 

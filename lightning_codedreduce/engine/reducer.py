@@ -31,6 +31,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -43,6 +44,7 @@ from .events import Abort, BadFrame, Close, ControlValue, FrameArrived, LocalFil
 from .frames import FrameError, Header, Kind, fingerprint_int
 from .notices import Announcement, Note, Notices
 from .protocol import Protocol, StepStats
+from .ring import RingStream, checked_segments
 from .tree import TreeProtocol
 from .transport import TAG, Link, check_transport, link_groups
 
@@ -94,6 +96,7 @@ class CodedReducer:
         self._events: queue.Queue = queue.Queue()
         self._board = ResultBoard(start_step, max_backlog_bytes)
         self._begun: tuple[int, torch.Tensor] | None = None  # (step, buffer) between begin() and finish()
+        self._ring_stream: RingStream | None = None  # the ring's begun step, reduced segment by segment
         # s=0 in the balanced layout skips no straggler (every rank's share is needed): gloo's ring all-reduce,
         # DDP's own, does the sum in the caller's thread; the links stay for the control collectives
         self._ring = plan.balanced is not None and plan.stragglers == 0 and transport == "gloo"
@@ -172,7 +175,7 @@ class CodedReducer:
         return parts[0] if isinstance(local, torch.Tensor) else parts
 
     # ------------------------------------------------------------------ caller API: handed in while backward runs
-    def begin(self, step: int, flat: torch.Tensor) -> None:
+    def begin(self, step: int, flat: torch.Tensor, segments: Sequence[tuple[int, int]] | None = None) -> None:
         """Start ``step`` with a buffer the caller is still filling (e.g. from gradient hooks in backward).
 
         Call order: ``begin(step, flat)``, then ``filled(step, lo, hi)`` for disjoint ranges as they are
@@ -180,18 +183,30 @@ class CodedReducer:
         announcing it), then ``finish(step)``, which returns the sum, written into ``flat``. In the balanced
         layout every chunk is sent as soon as it is filled, while the caller goes on (overlap with backward);
         the tree takes the buffer whole at ``finish``.
+
+        ``segments``: the ranges ``filled`` will announce, in the order to reduce them, the same on every rank
+        (e.g. DDP-style buckets of the same model). Over gloo's ring (balanced layout, ``stragglers=0``) each
+        is all-reduced once it and every segment before it are filled, as DDP's buckets are (``ring.py``);
+        without them the ring takes the buffer whole at ``finish``. The coded layouts take ranges in any order
+        and ignore them.
         """
         self._check_step(step, "begin")
         if not (flat.device.type == "cpu" and flat.dim() == 1 and flat.is_contiguous()):
             raise ValueError("begin(step, flat) needs one flat, contiguous CPU tensor")
+        ordered = None if segments is None else checked_segments(segments, flat.numel())
         self._raise_if_failed()
         self._begun = (step, flat)
-        if self.plan.balanced is not None and not self._ring:
+        if self._ring:
+            self._ring_stream = None if ordered is None else RingStream(flat, self.group, ordered)
+        elif self.plan.balanced is not None:
             self._events.put(LocalReady(step, flat.detach(), time.monotonic(), in_place=True, partial=True))
 
     def filled(self, step: int, lo: int, hi: int) -> None:
         """``flat[lo:hi]`` of the buffer given to :meth:`begin` is written and will not change."""
-        if self.plan.balanced is not None and not self._ring:
+        if self._ring:
+            if self._ring_stream is not None:
+                self._ring_stream.filled(lo, hi)
+        elif self.plan.balanced is not None:
             self._events.put(LocalFilled(step, lo, hi))
 
     def finish(self, step: int) -> torch.Tensor:
@@ -200,7 +215,11 @@ class CodedReducer:
         if begun is None or begun[0] != step:
             raise ValueError(f"finish(step={step}) without begin(step={step}, flat)")
         flat = begun[1]
-        if self.plan.balanced is None or self._ring:
+        if self._ring:
+            stream, self._ring_stream = self._ring_stream, None
+            self._all_reduce(step, flat, stream)
+            return self.result(step)
+        if self.plan.balanced is None:
             return self.reduce(step, flat, in_place=True)
         self._events.put(LocalFilled(step))
         out = self.result(step)
@@ -208,10 +227,14 @@ class CodedReducer:
             flat.copy_(out)
         return flat
 
-    def _all_reduce(self, step: int, flat: torch.Tensor) -> None:
-        """The ring's sum of ``step`` into ``flat``, published as the protocol publishes its results."""
+    def _all_reduce(self, step: int, flat: torch.Tensor, stream: RingStream | None = None) -> None:
+        """The ring's sum of ``step`` into ``flat`` (the rest of ``stream``'s segments, when begun with them),
+        published as the protocol publishes its results."""
         try:
-            dist.all_reduce(flat, group=self.group)
+            if stream is None:
+                dist.all_reduce(flat, group=self.group)
+            else:
+                stream.finish()
         except RuntimeError as err:  # a peer died or the group broke: with s=0 every rank is needed
             error = CodedReduceError(f"the all-reduce of step {step} failed ({err}); with stragglers=0 every rank "
                                      "is needed")

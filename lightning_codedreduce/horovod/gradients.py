@@ -93,7 +93,7 @@ class CodedGradients:
             self._flat = torch.zeros(self._layout.total, dtype=self._dtype)
         if self._closes:
             self._step = self._reducer.next_step
-            self._reducer.begin(self._step, self._flat)
+            self._reducer.begin(self._step, self._flat, segments=[(lo, hi) for lo, hi, _ in self._layout.buckets])
             self._left = [members for _, _, members in self._layout.buckets]
             self._final, self.early_buckets = set(), 0
         # runs when this backward pass ends (DDP's reducer uses the same engine callback)

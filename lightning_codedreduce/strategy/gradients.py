@@ -194,7 +194,7 @@ class GradientStream:
         self._flat = torch.empty(total + len(params), dtype=dtype)
         self._left = [count for _, _, count in self._buckets]
         self._written, self.early_buckets = set(), 0
-        reducer.begin(step, self._flat)
+        reducer.begin(step, self._flat, segments=[(lo, hi) for lo, hi, _ in self._buckets])  # the ring's order
         self._reducer, self._step = reducer, step
 
     def on_gradient(self, p: torch.nn.Parameter) -> None:
