@@ -1,16 +1,18 @@
 """Communication overlapped with backward: the balanced layout's buckets (``bucket_cap_mb``) in one run.
 
 A stack of linear layers (about 25 MB of gradients) whose backward takes emulated compute: each layer's
-backward sleeps ``compute / layers`` seconds (the GIL is released, as in a real kernel), so gradients
-appear over time as in a real backward. Per setting the script measures the median step time after a
-warm-up:
+backward sleeps its share of the compute (the GIL is released, as in a real kernel), so gradients
+appear over time as in a real backward. Per setting the script measures the median step time and the
+rank's compute (``step_records``' ``compute_s``: its forward and backward passes) after a warm-up:
 
-1. ``communication``: no emulated compute, the whole gradient after backward (``bucket_cap_mb=0``);
-2. with ``compute`` set to that communication time (or ``--compute``): no overlap (``bucket_cap_mb=0``),
-   and the default buckets (``bucket_cap_mb=25``, first bucket 1 MiB), and 1 MiB buckets;
-3. the same with ``stragglers=0`` (gloo's ring all-reduce, bucket by bucket as DDP's; where
-   ``stragglers="auto"`` starts), without and with the default buckets;
-4. ``strategy="ddp"`` at the same compute, for reference.
+1. communication alone, per tolerance (s=1: the coded reduce; s=0: gloo's ring all-reduce, DDP's too):
+   the step without emulated compute and without buckets, less the real forward/backward in it;
+2. each rank's compute per step set to its tolerance's communication (or ``--compute``; at DDP's global
+   batch an s=1 rank computes R pieces, each taking 1/R of it): s=1 without overlap
+   (``bucket_cap_mb=0``), with the default buckets (25 MiB, the first 1 MiB) and with 1 MiB buckets;
+3. s=0 without and with the default buckets (all-reduced bucket by bucket as DDP's; where
+   ``stragglers="auto"`` starts);
+4. ``strategy="ddp"`` at s=0's compute, for reference.
 
 It prints each step time over ``max(compute, communication)`` (1.0 is perfect overlap; the target is
 <= 1.3) and writes ``runs/bench/overlap.json``.
@@ -89,6 +91,7 @@ def worker(a: argparse.Namespace) -> None:
         records = getattr(trainer.strategy, "step_records", [])
         Path(a.out, f"{a.setting}.json").write_text(json.dumps({
             "step_s": statistics.median(clock.times[a.warmup:]),
+            "compute_s": statistics.median([r["compute_s"] for r in records[a.warmup:]]) if records else None,
             "early_buckets": statistics.median([r["early_buckets"] for r in records]) if records else None}))
 
 
@@ -115,7 +118,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=14)
     p.add_argument("--warmup", type=int, default=4)
-    p.add_argument("--compute", type=float, default=None, help="backward compute per step (default: communication)")
+    p.add_argument("--compute", type=float, default=None,
+                   help="each rank's emulated backward compute per step (default: its tolerance's communication)")
     p.add_argument("--setting", default=None, help=argparse.SUPPRESS)  # set in the ranks
     p.add_argument("--bucket", type=float, default=25.0, help=argparse.SUPPRESS)
     p.add_argument("--stragglers", type=int, default=1, help=argparse.SUPPRESS)
@@ -124,25 +128,35 @@ def main() -> None:
     if a.setting:
         return worker(a)
     out = Path(tempfile.mkdtemp(prefix="codedreduce-overlap-"))
-    comm = measure(a, out, "communication", 0.0, 0.0)["step_s"]
-    ring = measure(a, out, "s0_communication", 0.0, 0.0, stragglers=0)["step_s"]  # gloo's all-reduce, as DDP's
-    compute = comm if a.compute is None else a.compute
-    rows = {"communication": comm, "s0_communication": ring}
+    from lightning_codedreduce.plan import CodedReducePlan
+
+    redundancy = {1: CodedReducePlan(a.world, 3, 1, layout="balanced").redundancy, 0: 1.0}
+    comm = {}  # per tolerance: the step without emulated compute, less the real forward/backward in it
+    for stragglers in (1, 0):
+        alone = measure(a, out, f"s{stragglers}_communication", 0.0, 0.0, stragglers)
+        comm[stragglers] = alone["step_s"] - alone["compute_s"]
+    rows = {"communication_s1": comm[1], "communication_s0": comm[0]}
     print(f"W={a.world}, {a.layers} x Linear({a.width}, {a.width}) "
-          f"({a.layers * (a.width + 1) * a.width * 4 / 1e6:.1f} MB of gradients), loopback; "
-          f"communication alone {comm:.3f} s/step (s=1), {ring:.3f} (s=0, gloo's ring); "
-          f"backward compute {compute:.3f} s/step", flush=True)
+          f"({a.layers * (a.width + 1) * a.width * 4 / 1e6:.1f} MB of gradients), loopback; communication alone "
+          f"{comm[1]:.3f} s/step at s=1 (R {redundancy[1]:g}), {comm[0]:.3f} at s=0 (gloo's ring, DDP's too); each "
+          f"rank's backward compute per step set to its tolerance's communication"
+          f"{'' if a.compute is None else f' (--compute {a.compute:g} s)'}", flush=True)
+    ring_compute = None  # DDP computes what s=0 does (one piece per rank): its compute is s=0's
     for setting, bucket, stragglers in (("no_overlap", 0.0, 1), ("buckets_25", 25.0, 1), ("buckets_1", 1.0, 1),
-                                        ("s0_no_overlap", 0.0, 0), ("s0_buckets_25", 25.0, 0), ("ddp", 25.0, 1)):
-        r = measure(a, out, setting, compute, bucket, stragglers)
-        rows[setting] = r["step_s"]
-        bound = max(compute, ring if stragglers == 0 or setting == "ddp" else comm)  # DDP runs gloo's ring too
+                                        ("s0_no_overlap", 0.0, 0), ("s0_buckets_25", 25.0, 0), ("ddp", 25.0, 0)):
+        target = comm[stragglers] if a.compute is None else a.compute
+        # a rank computes R pieces per step at DDP's global batch: each piece's backward sleeps its part
+        r = measure(a, out, setting, target / redundancy[stragglers], bucket, stragglers)
+        compute = r["compute_s"] if r["compute_s"] is not None else ring_compute
+        ring_compute = compute if stragglers == 0 else ring_compute
+        bound = max(compute, comm[stragglers])
+        rows[setting] = {"step_s": r["step_s"], "compute_s": compute, "bound_s": bound}
         early = "" if r["early_buckets"] is None else f", {r['early_buckets']:.0f} bucket(s) handed in during backward"
-        print(f"  {setting:14s} {r['step_s']:.3f} s/step = {r['step_s'] / bound:.2f} x max(compute, communication)"
-              f"{early}", flush=True)
+        print(f"  {setting:14s} {r['step_s']:.3f} s/step, compute {compute:.3f} s: {r['step_s'] / bound:.2f} x "
+              f"max(compute, communication){early}", flush=True)
     path = ROOT / "runs" / "bench" / "overlap.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"world": a.world, "compute_s": compute, **rows}, indent=1))
+    path.write_text(json.dumps({"world": a.world, **rows}, indent=1))
     print(f"wrote {path.relative_to(ROOT)}")
 
 
