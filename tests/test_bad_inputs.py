@@ -93,6 +93,21 @@ def test_reducer_without_process_group():
         CodedReducer(CodedReducePlan(2))
 
 
+@pytest.mark.parametrize("segments,message", [
+    ([(0, 5), (4, 8)], r"disjoint, non-empty \(start, stop\) ranges within the 10-element buffer, got \[\(0, 5\), \(4, 8\)\]"),
+    ([(3, 3)], r"disjoint, non-empty"),
+    ([(8, 12)], r"within the 10-element buffer"),
+    ([5], r"segments must be \(start, stop\) pairs of element offsets, got \[5\]"),
+])
+def test_segments_that_cannot_order_the_ring(segments, message):
+    # CodedReducer.begin(step, flat, segments=...) checks them on every layout (engine/ring.py)
+    from lightning_codedreduce.engine.ring import checked_segments
+
+    with pytest.raises(ValueError, match=message):
+        checked_segments(segments, 10)
+    assert checked_segments([(5, 10), (0, 5)], 10) == [(5, 10), (0, 5)]  # the caller's order is the ring's
+
+
 # ================================================================ in-process: launch layout
 def _manual_launch(monkeypatch, world):
     """The variables of processes started by hand (Lightning's "externally created processes")."""

@@ -29,8 +29,7 @@ class RingStream:
         self.segments = checked_segments(segments, flat.numel())
         self._missing = [hi - lo for lo, hi in self.segments]  # per segment: elements not announced yet
         self._next = 0  # the next segment to launch (all before it are launched)
-        self._works: list = []
-        self.early = 0  # segments launched before finish (while the caller was still writing)
+        self._works: list = []  # launched all-reduces, waited for at finish
 
     def filled(self, lo: int, hi: int) -> None:
         """``flat[lo:hi]`` is written: launch every segment now due."""
@@ -39,7 +38,6 @@ class RingStream:
         while self._next < len(self.segments) and self._missing[self._next] <= 0:
             self._launch(*self.segments[self._next])
             self._next += 1
-            self.early += 1
 
     def finish(self) -> torch.Tensor:
         """Launch what is left (the same ranges, in the same order, on every rank) and wait for the sum."""
